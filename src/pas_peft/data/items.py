@@ -47,7 +47,9 @@ class MultipleChoiceItem:
             object.__setattr__(self, "choices", tuple(self.choices))
 
         if not isinstance(self.question, str) or not self.question.strip():
-            raise ValueError(f"{self.source_id}: the question is empty ({self.question!r}); every item needs question text")
+            raise ValueError(
+                f"{self.source_id}: the question is empty ({self.question!r}); every item needs question text"
+            )
 
         if not isinstance(self.choices, tuple) or not all(isinstance(choice, str) for choice in self.choices):
             raise ValueError(f"{self.source_id}: choices must be a tuple of strings, got {self.choices!r}")

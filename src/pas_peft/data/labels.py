@@ -6,7 +6,7 @@ import math
 import numbers
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from .items import LETTERS
 
@@ -57,36 +57,44 @@ def letter_index(value: Any, num_choices: int, source_id: str) -> int:
     return index
 
 
-def resolve_label(value: Any, choices: Sequence[str], source_id: str) -> int:
+LABEL_FORMATS = ("auto", "index", "letter", "text")
+"""How a label is written: ``"auto"`` accepts an index, a letter or the answer text; the others accept one form."""
+
+
+def resolve_label(value: Any, choices: Sequence[str], source_id: str, label_format: str = "auto") -> int:
     """
     Convert a label written as an index, a letter or the answer text to a 0-based choice index.
 
-    Accepted forms: an int index (also a numpy integer, an integer-valued float or a digit string such as
-    ``"2"`` from a CSV file), a letter such as ``"C"`` or ``"(C)"``, or the exact text of one choice. When a
-    string reads as more than one of these and they point to different choices, the label is ambiguous and
-    raises instead of guessing.
+    The forms: an int index (also a numpy integer, an integer-valued float or a digit string such as ``"2"`` from
+    a CSV file), a letter such as ``"C"`` or ``"(C)"``, or the exact text of one choice. With ``label_format``
+    ``"auto"`` all three are accepted. When a string then reads as more than one form and they point to different
+    choices, the label is ambiguous and raises instead of guessing.
 
     Raises:
         ValueError: if the label is missing, matches no choice, or is ambiguous.
     """
+    if label_format not in LABEL_FORMATS:
+        raise ValueError(f"unknown label_format {label_format!r}; use one of {LABEL_FORMATS}")
     count = len(choices)
     if is_missing(value):
         raise ValueError(f"{source_id}: the label is missing; every row needs the index, letter or text of its answer")
 
-    if isinstance(value, bool):
-        return _checked_index(int(value), count, source_id, value)
-    if isinstance(value, numbers.Integral):
-        return _checked_index(int(value), count, source_id, value)
-    if isinstance(value, float) and value.is_integer():
-        return _checked_index(int(value), count, source_id, value)
+    if label_format == "letter":
+        return letter_index(value, count, source_id)
+
+    index = _as_index(value)
+    if label_format == "index" or (label_format == "auto" and not isinstance(value, str)):
+        if index is None:
+            raise ValueError(
+                f"{source_id}: label {value!r} ({type(value).__name__}) is not an int index into the {count} choices"
+            )
+        return _checked_index(index, count, source_id, value)
+
     if not isinstance(value, str):
-        raise ValueError(
-            f"{source_id}: label {value!r} has type {type(value).__name__}; write it as an int index, "
-            "a letter such as 'B', or the answer text"
-        )
+        raise ValueError(f"{source_id}: label {value!r} ({type(value).__name__}) should be the answer text")
 
     candidates: dict[str, int] = {}
-    text_matches = [index for index, choice in enumerate(choices) if choice == value or choice.strip() == value.strip()]
+    text_matches = [position for position, choice in enumerate(choices) if choice.strip() == value.strip()]
     if len(text_matches) > 1:
         raise ValueError(
             f"{source_id}: label {value!r} matches {len(text_matches)} identical choices {list(choices)!r}; "
@@ -95,24 +103,43 @@ def resolve_label(value: Any, choices: Sequence[str], source_id: str) -> int:
     if text_matches:
         candidates["answer text"] = text_matches[0]
 
-    letter = _LETTER_LABEL.match(value.strip())
-    if letter is not None and LETTERS.index(letter.group(1)) < count:
-        candidates["letter"] = LETTERS.index(letter.group(1))
-
-    if value.strip().isdigit() and int(value.strip()) < count:
-        candidates["index"] = int(value.strip())
+    if label_format == "auto":
+        letter = _LETTER_LABEL.match(value.strip())
+        if letter is not None and LETTERS.index(letter.group(1)) < count:
+            candidates["letter"] = LETTERS.index(letter.group(1))
+        if index is not None and 0 <= index < count:
+            candidates["index"] = index
 
     if not candidates:
-        raise ValueError(
-            f"{source_id}: label {value!r} matches none of the {count} choices {list(choices)!r}; write it as "
+        accepted = (
             f"an index 0-{count - 1}, a letter {LETTERS[0]}-{LETTERS[count - 1]}, or the exact answer text"
+            if label_format == "auto"
+            else "the exact answer text"
+        )
+        raise ValueError(
+            f"{source_id}: label {value!r} matches none of the {count} choices {list(choices)!r}; "
+            f"write it as {accepted}"
         )
     if len(set(candidates.values())) > 1:
-        readings = ", ".join(f"as {kind} it is choice {index}" for kind, index in candidates.items())
+        readings = ", ".join(f"as {kind} it is choice {position}" for kind, position in candidates.items())
         raise ValueError(
-            f"{source_id}: label {value!r} is ambiguous ({readings}); give the label as an int index instead"
+            f"{source_id}: label {value!r} is ambiguous ({readings}); set label_format to 'index', 'letter' or "
+            "'text' in ColumnMapping to say how labels are written"
         )
     return next(iter(candidates.values()))
+
+
+def _as_index(value: Any) -> Optional[int]:
+    """Return the value as an int when it is an integer (or an integer-valued float or digit string), else None."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
 
 
 def _checked_index(index: int, count: int, source_id: str, value: Any) -> int:

@@ -16,7 +16,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .items import MultipleChoiceItem
-from .labels import is_missing, letter_index, parse_inline_choices, resolve_label, strip_letter_prefixes, strip_question_label
+from .labels import LABEL_FORMATS, is_missing, letter_index, parse_inline_choices, resolve_label, strip_letter_prefixes
+from .labels import strip_question_label
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ TARGET_BEHAVIORS = {
 @dataclass(frozen=True)
 class ColumnMapping:
     """
-    Names of the columns that hold each part of a multiple-choice row; it overrides schema detection.
+    Names of the columns that contain each part of a multiple-choice row; it overrides schema detection.
 
     Args:
         question (`str`):
@@ -41,13 +42,16 @@ class ColumnMapping:
             Column with the correct choice as an index, a letter or the answer text. With `choices` given as a
             ``{"text": [...], "label": [...]}`` column, it may also be one of that column's labels.
         choices (`str`, `tuple[str, ...]` or `None`):
-            One column that holds the list of answer texts (or a ``{"text", "label"}`` dict), or several
-            columns that hold one answer text each, in order. Leave it `None` for a binary text set and pass
+            One column that contains the list of answer texts (or a ``{"text", "label"}`` dict), or several
+            columns that contain one answer text each, in order. Leave it `None` for a binary text set and pass
             ``binary_choices=(text_for_0, text_for_1)`` to `load_items`.
         context (`str`, *optional*):
             Column with a passage or context shown before the question.
         context_separator (`str`):
             Text between the context and the question. Defaults to one space.
+        label_format (`str`):
+            How labels are written: ``"auto"`` (an index, a letter or the answer text, whichever fits),
+            ``"index"``, ``"letter"`` or ``"text"``. Name the form when ``"auto"`` finds a label ambiguous.
 
     Integer column names (as in a CSV file without a header) are converted to strings.
 
@@ -63,8 +67,11 @@ class ColumnMapping:
     choices: Union[str, tuple[str, ...], None] = None
     context: Optional[str] = None
     context_separator: str = " "
+    label_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.label_format not in LABEL_FORMATS:
+            raise ValueError(f"ColumnMapping.label_format is {self.label_format!r}; use one of {LABEL_FORMATS}")
         object.__setattr__(self, "question", _column_name(self.question, "question"))
         object.__setattr__(self, "label", _column_name(self.label, "label"))
         if self.context is not None:
@@ -74,7 +81,7 @@ class ColumnMapping:
             if len(self.choices) < 2:
                 raise ValueError(
                     f"ColumnMapping.choices names {len(self.choices)} column(s) {list(self.choices)!r}; name one "
-                    "column that holds a list of answers, or at least two columns with one answer each"
+                    "column that contains a list of answers, or at least two columns with one answer each"
                 )
             object.__setattr__(self, "choices", tuple(_column_name(name, "choices") for name in self.choices))
         elif self.choices is not None:
@@ -82,13 +89,12 @@ class ColumnMapping:
 
     def columns(self) -> tuple[str, ...]:
         """Return every column this mapping reads."""
-        names = [self.question, self.label]
+        names = [self.question] if self.context is None else [self.context, self.question]
         if isinstance(self.choices, tuple):
             names.extend(self.choices)
         elif self.choices is not None:
             names.append(self.choices)
-        if self.context is not None:
-            names.append(self.context)
+        names.append(self.label)
         return tuple(names)
 
 
@@ -148,7 +154,7 @@ def _text(row: Row, column: str, source_id: str) -> str:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
     raise ValueError(
-        f"{source_id}: column {column!r} should hold text, got {type(value).__name__} {value!r}; "
+        f"{source_id}: column {column!r} should contain text, got {type(value).__name__} {value!r}; "
         "for a CSV file read every column as text (pandas: dtype=str)"
     )
 
@@ -159,7 +165,7 @@ def _sequence(row: Row, column: str, source_id: str) -> list[Any]:
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
         raise ValueError(
-            f"{source_id}: column {column!r} should hold a list, got {type(value).__name__} {value!r}"
+            f"{source_id}: column {column!r} should contain a list, got {type(value).__name__} {value!r}"
         )
     return list(value)
 
@@ -211,15 +217,15 @@ def schema_from_mapping(
 
         if mapping.choices is None:
             choices = tuple(options.binary_choices or binary_choices or ())
-            label = resolve_label(row.get(mapping.label), choices, source_id)
+            label = resolve_label(row.get(mapping.label), choices, source_id, mapping.label_format)
         elif isinstance(mapping.choices, tuple):
             choices = tuple(_text(row, column, source_id) for column in mapping.choices)
-            label = resolve_label(row.get(mapping.label), choices, source_id)
+            label = resolve_label(row.get(mapping.label), choices, source_id, mapping.label_format)
         elif isinstance(row.get(mapping.choices), Mapping):
-            choices, label = _choices_dict(row, mapping.choices, mapping.label, source_id)
+            choices, label = _choices_dict(row, mapping.choices, mapping.label, source_id, mapping.label_format)
         else:
             choices = _texts(_sequence(row, mapping.choices, source_id), mapping.choices, source_id)
-            label = resolve_label(row.get(mapping.label), choices, source_id)
+            label = resolve_label(row.get(mapping.label), choices, source_id, mapping.label_format)
 
         return MultipleChoiceItem(question, choices, label, source_id)
 
@@ -231,12 +237,14 @@ def schema_from_mapping(
     )
 
 
-def _choices_dict(row: Row, choices_column: str, label_column: str, source_id: str) -> tuple[tuple[str, ...], int]:
+def _choices_dict(
+    row: Row, choices_column: str, label_column: str, source_id: str, label_format: str
+) -> tuple[tuple[str, ...], int]:
     """Read ARC-style ``{"text": [...], "label": [...]}`` choices and find the label among the choice labels."""
     value = row[choices_column]
     if "text" not in value:
         raise ValueError(
-            f"{source_id}: column {choices_column!r} holds a dict with keys {sorted(value)!r}, but a "
+            f"{source_id}: column {choices_column!r} contains a dict with keys {sorted(value)!r}, but a "
             "'text' list of answer texts is needed"
         )
     choices = _texts(list(value["text"]), choices_column, source_id)
@@ -250,7 +258,7 @@ def _choices_dict(row: Row, choices_column: str, label_column: str, source_id: s
             f"{source_id}: {label_column} {answer!r} is not one of the choice labels {choice_labels!r}; "
             "an empty value usually means an unlabeled split (pass split= to pick a labeled one)"
         )
-    return choices, resolve_label(answer, choices, source_id)
+    return choices, resolve_label(answer, choices, source_id, label_format)
 
 
 def _first_present(columns: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
@@ -281,13 +289,16 @@ def _build_mosaicml(columns: Sequence[str], first_row: Row) -> Optional[Schema]:
         return None
     if not isinstance(first_row.get("choices"), (list, tuple, np.ndarray)):
         return None
-    return schema_from_mapping(ColumnMapping(question="query", choices="choices", label="gold"), name="mosaicml")
+    mapping = ColumnMapping(question="query", choices="choices", label="gold", label_format="index")
+    return schema_from_mapping(mapping, name="mosaicml")
 
 
 def _build_bbq(columns: Sequence[str], first_row: Row) -> Optional[Schema]:
     if not {"context", "question", "ans0", "ans1", "ans2", "label"} <= set(columns):
         return None
-    mapping = ColumnMapping(question="question", context="context", choices=("ans0", "ans1", "ans2"), label="label")
+    mapping = ColumnMapping(
+        question="question", context="context", choices=("ans0", "ans1", "ans2"), label="label", label_format="index"
+    )
     return schema_from_mapping(mapping, name="bbq")
 
 
@@ -297,7 +308,8 @@ def _build_mmlu_csv(columns: Sequence[str], first_row: Row) -> Optional[Schema]:
         return None
     last = str(len(columns) - 1)
     choice_columns = tuple(str(index) for index in range(1, len(columns) - 1))
-    return schema_from_mapping(ColumnMapping(question="0", choices=choice_columns, label=last), name="mmlu_csv")
+    mapping = ColumnMapping(question="0", choices=choice_columns, label=last, label_format="letter")
+    return schema_from_mapping(mapping, name="mmlu_csv")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +360,8 @@ def normalize_target_behavior(value: Optional[str]) -> str:
         ValueError: if the value is missing or unknown. A/B evaluations have no correct answer, so the
             target must be chosen explicitly.
     """
-    aliases = {**{short: short for short in TARGET_BEHAVIORS}, **{field: short for short, field in TARGET_BEHAVIORS.items()}}
+    aliases = {short: short for short in TARGET_BEHAVIORS}
+    aliases.update({field: short for short, field in TARGET_BEHAVIORS.items()})
     if value in aliases:
         return aliases[value]
 
@@ -367,6 +380,8 @@ def _build_anthropic_ab(columns: Sequence[str], first_row: Row) -> Optional[Sche
     def convert(row: Row, source_id: str, options: SchemaOptions) -> MultipleChoiceItem:
         target_field = TARGET_BEHAVIORS[normalize_target_behavior(options.target_behavior)]
         stem, choices = parse_inline_choices(_text(row, "question", source_id), source_id)
+        if not stem:
+            raise ValueError(f"{source_id}: the question has no text before its inline choices {list(choices)!r}")
         label = letter_index(row.get(target_field), len(choices), f"{source_id} ({target_field})")
         return MultipleChoiceItem(stem, choices, label, source_id)
 
@@ -410,7 +425,11 @@ _BINARY_TASKS = {
     ),
     # Label 1 = the excuse is reasonable.
     "ethics_deontology": _BinaryTask(
-        "ethics_deontology", ("scenario", "excuse", "label"), (), _ethics_deontology_question, ("Unreasonable", "Reasonable")
+        "ethics_deontology",
+        ("scenario", "excuse", "label"),
+        (),
+        _ethics_deontology_question,
+        ("Unreasonable", "Reasonable"),
     ),
     # Label 1 = the claim is reasonable (just).
     "ethics_justice": _BinaryTask(
@@ -426,7 +445,7 @@ def _binary_builder(task: _BinaryTask) -> Callable[[Sequence[str], Row], Optiona
 
         def convert(row: Row, source_id: str, options: SchemaOptions) -> MultipleChoiceItem:
             choices = tuple(options.binary_choices or task.default_choices)
-            label = resolve_label(row.get("label"), choices, source_id)
+            label = resolve_label(row.get("label"), choices, source_id, "index")
             return MultipleChoiceItem(task.format_question(row, source_id), choices, label, source_id)
 
         return Schema(name=task.name, columns=task.columns, convert=convert, uses_binary_choices=True)
@@ -464,7 +483,9 @@ SCHEMAS: dict[str, SchemaInfo] = {
             _build_arc,
         ),
         SchemaInfo(
-            "mosaicml", "MosaicML evaluation export (ARC, OpenBookQA): 'query', 'choices' list, 'gold' index", _build_mosaicml
+            "mosaicml",
+            "MosaicML evaluation export (ARC, OpenBookQA): 'query', 'choices' list, 'gold' index",
+            _build_mosaicml,
         ),
         SchemaInfo(
             "ethics_deontology",
