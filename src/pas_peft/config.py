@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -59,7 +60,7 @@ class PASConfig(PeftConfig):
         ...                                     num_attention_heads=4, num_key_value_heads=4, vocab_size=128))
         >>> model = get_peft_model(base, pas_peft.PASConfig(layers=[2], strength=4.0))
         >>> model.print_trainable_parameters()
-        trainable params: 64 || all params: 107,072 || trainable%: 0.0598
+        trainable params: 64 || all params: 180,864 || trainable%: 0.0354
         ```
     """
 
@@ -207,8 +208,10 @@ class PASConfig(PeftConfig):
             if not self.layers:
                 raise ValueError("`layers` is empty: pass at least one decoder layer index, for example layers=[12].")
             for layer in self.layers:
-                if isinstance(layer, bool) or not isinstance(layer, int):
+                if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
                     raise ValueError(f"`layers` must contain integer layer indices, got {layer!r} in {self.layers}.")
+            # Plain ints, so that indices such as numpy.int64 from an argmax serialise to JSON.
+            self.layers = [int(layer) for layer in self.layers]
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"`layers` contains a layer twice: {self.layers}.")
         if self.target_modules is not None and not self.target_modules:
@@ -226,12 +229,14 @@ class PASConfig(PeftConfig):
                 f"vector_source='input' reads transformers' hidden_states[L], which exists only for "
                 f"activation='residual', not for activation={self.activation!r}."
             )
-        check_strength(self.strength)
+        # Stored as a float, so a 0-d tensor or numpy scalar still serialises to JSON.
+        self.strength = check_strength(self.strength)
 
 
 def check_strength(strength: float) -> float:
     """Return `strength` as a float, or raise a ValueError if it is not a finite number."""
-    if isinstance(strength, bool):
+    # float() would also accept bools and numeric strings such as "2.5"; neither is a strength.
+    if isinstance(strength, (bool, str, bytes)):
         raise ValueError(f"Invalid strength {strength!r}: pass a finite number such as 4.0.")
     try:
         value = float(strength)

@@ -68,6 +68,19 @@ def write_adapter_directory(
     overwrite: bool = False,
 ) -> None:
     """Write a PEFT-loadable PAS adapter directory atomically."""
+    _adapter_state_dict(config, vectors)
+    with atomic_directory(save_directory, overwrite=overwrite) as staging:
+        write_adapter_files(staging, config, vectors)
+
+
+def write_adapter_files(directory: Path, config: PASConfig, vectors: dict[int, torch.Tensor]) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an existing directory."""
+    state_dict = _adapter_state_dict(config, vectors)
+    config.save_pretrained(str(directory))
+    save_file(state_dict, str(Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _adapter_state_dict(config: PASConfig, vectors: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not config.target_modules or not config.layers_module:
         raise ValueError("The config has no resolved target_modules; create the adapter on a model first.")
     state_dict = {
@@ -79,9 +92,7 @@ def write_adapter_directory(
         raise ValueError(
             f"Vectors were given for layers {sorted(vectors)}, but the config steers {config.target_modules}."
         )
-    with atomic_directory(save_directory, overwrite=overwrite) as staging:
-        config.save_pretrained(str(staging))
-        save_file(state_dict, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+    return state_dict
 
 
 def vector_key(module_name: str) -> str:

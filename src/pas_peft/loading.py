@@ -71,7 +71,25 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
     if gguf_file is not None:
         setattr(model, GGUF_FILE_ATTRIBUTE, gguf_file)
+        _forget_dequantized_gguf(model)
     return model, tokenizer
+
+
+def _forget_dequantized_gguf(model) -> None:
+    """
+    Drop the GGUF quantizer of a model whose weights were all unpacked to plain float tensors.
+
+    transformers keeps a GGUF quantizer on such a model, and its Trainer then refuses to train anything on it
+    (LoRA, trainable PAS vectors), although every weight is an ordinary float tensor. When GGUF kernels keep
+    the weights packed in GGUF modules, the quantizer stays.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    if not str(getattr(config, "quant_method", "")).lower().endswith("gguf"):
+        return
+    packed = any("gguf" in type(module).__name__.lower() for module in model.modules())
+    if not packed and all(parameter.dtype.is_floating_point for parameter in model.parameters()):
+        quantizer.remove_quantization_config(model)
 
 
 def from_pretrained(
