@@ -16,16 +16,19 @@ from .registration import register_pas  # noqa: E402
 register_pas(PASConfig, PASModel)
 
 from .api import set_active_adapters, set_strength, steering_strength  # noqa: E402
+from .extraction import FitResult, fit_pas  # noqa: E402
 from .loading import AutoPASModelForCausalLM, from_pretrained, load_adapter, load_base_model  # noqa: E402
 from .vectors import SteeringVectors  # noqa: E402
 
 __all__ = [
     "AutoPASModelForCausalLM",
+    "FitResult",
     "PASConfig",
     "PASLayer",
     "PASModel",
     "SteeringVectors",
     "__version__",
+    "fit_pas",
     "from_pretrained",
     "load_adapter",
     "load_base_model",

@@ -1,0 +1,76 @@
+"""
+Several processes, one fit: each process takes a shard of every split and the results are combined.
+
+Under `accelerate launch` (or any launcher that initialises `torch.distributed`), item i of a split goes to
+process `i % world_size`. Activation sums and counts are summed across processes before the division, so
+every process builds the same vectors as a single process would (up to floating-point summation order),
+and per-item answers are gathered back into the original order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place among the processes of one fit."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "ProcessGroup":
+        """
+        Return this process's group: the initialised torch.distributed group, or a single process.
+
+        A process started by a launcher (torchrun, `accelerate launch`) that has not initialised
+        torch.distributed yet gets a default group here: gloo on CPU, nccl on CUDA.
+        """
+        if not dist.is_available():
+            return cls()
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> tuple[list[int], list[T]]:
+        """Return the original indices and the items this process handles."""
+        indices = list(range(self.rank, len(items), self.world_size))
+        return indices, [items[index] for index in indices]
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the element-wise sum of `tensor` over all processes."""
+        if self.world_size == 1:
+            return tensor
+        summed = tensor.detach().clone().cpu()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+    def gather_rows(self, indices: Sequence[int], rows: torch.Tensor, total: int) -> torch.Tensor:
+        """Put each process's rows (one per local item) back at their original indices of a split of `total` items."""
+        if self.world_size == 1:
+            return rows
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, (list(indices), rows.cpu()))
+        result = torch.empty((total, *rows.shape[1:]), dtype=rows.dtype)
+        for shard_indices, shard_rows in gathered:
+            if shard_indices:
+                result[torch.tensor(shard_indices)] = shard_rows
+        return result
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

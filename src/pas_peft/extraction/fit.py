@@ -1,0 +1,471 @@
+"""`fit_pas`: a labeled multiple-choice dataset in, a fitted PAS adapter and an honest report out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+
+from ..api import find_pas_tuner
+from ..data import DatasetSplits, LoadedItems, MultipleChoiceItem, load_items, split_items, splits_from_mapping
+from ..io import atomic_directory
+from .adapter import adapter_config_of, attach_fitted_adapter, detach_fitted_adapter, fitted_config
+from .batching import default_memory_budget
+from .contrast import Activations, contrast_sums
+from .distributed import ProcessGroup
+from .engine import BatchRunner
+from .methods import METHODS, contrast_set, missing_requirement
+from .outputs import write_heatmap, write_report, write_sweep_csv
+from .passes import SplitEvaluation, SweepConfig, evaluate_split, read_last_token_activations
+from .scoring import SCORING_MODES, EncodedItem, ItemEncoder
+from .selection import PAPER_STRENGTHS, default_candidate_layers, select_best, sweep_rows
+from .stats import accuracy, compare_paired
+
+logger = logging.getLogger(__name__)
+
+DEGENERATE_LETTER_SHARE = 0.9
+
+
+@dataclass
+class FitSettings:
+    """Everything that decides a fit's result; recorded in the report."""
+
+    scoring: str = "likelihood"
+    methods: tuple[str, ...] = METHODS
+    layers: Optional[tuple[int, ...]] = None
+    strengths: tuple[float, ...] = PAPER_STRENGTHS
+    seed: int = 0
+    proportions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    max_samples: Optional[int] = None
+    use_chat_template: bool = False
+    system_prompt: Optional[str] = None
+    activation: str = "residual"
+    vector_source: str = "output"
+    layers_module: Optional[str] = None
+    batch_size: Optional[int] = None
+    memory_budget_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORING_MODES:
+            raise ValueError(f"Invalid scoring {self.scoring!r}: use one of {', '.join(map(repr, SCORING_MODES))}.")
+        self.methods = tuple(self.methods)
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"Invalid methods {list(self.methods)}: choose from {', '.join(METHODS)}.")
+        self.strengths = tuple(float(value) for value in self.strengths)
+        if not self.strengths or not all(math.isfinite(value) for value in self.strengths):
+            raise ValueError(f"Invalid strengths {self.strengths}: pass one or more finite numbers.")
+        if self.layers is not None:
+            self.layers = tuple(int(layer) for layer in self.layers)
+            if not self.layers:
+                raise ValueError("`layers` is empty: pass candidate layer indices or leave it unset for the default spread.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"Invalid batch_size {self.batch_size}: pass a positive number of rows.")
+
+
+@dataclass
+class FitResult:
+    """What `fit_pas` returns: the steered model, the report and the validation sweep."""
+
+    model: Any
+    report: dict
+    sweep: list[dict]
+    output_dir: Optional[Path] = None
+    vectors: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
+def fit_pas(
+    model,
+    tokenizer,
+    data,
+    *,
+    output_dir: Optional[Union[str, os.PathLike]] = None,
+    overwrite: bool = False,
+    adapter_name: str = "default",
+    dataset_name: Optional[str] = None,
+    schema: str = "auto",
+    columns=None,
+    target_behavior: Optional[str] = None,
+    binary_choices: Optional[Sequence[str]] = None,
+    splits: Optional[dict[str, Sequence[MultipleChoiceItem]]] = None,
+    show_progress: bool = True,
+    **settings: Any,
+) -> FitResult:
+    """
+    Fit a PAS steering adapter on a labeled multiple-choice dataset and report its effect.
+
+    The dataset is split into train / validation / test. The model answers every item (by letter or by
+    answer likelihood, see `scoring`); the training answers give one vector per method and candidate layer;
+    the validation split chooses layer x strength x method; the test split reports baseline versus steered
+    accuracy with 95% intervals and a paired McNemar test.
+
+    Args:
+        model: a transformers causal LM, or a PeftModel (a PAS PeftModel gets a new adapter; the activations
+            of a LoRA PeftModel include its LoRA).
+        tokenizer: the model's tokenizer.
+        data: anything `pas_peft.data.load_items` reads (a file path, a bundled dataset name, a `datasets`
+            Dataset or DatasetDict, a DataFrame, a list of dicts), or a list of `MultipleChoiceItem`.
+        output_dir: if given, the adapter, `pas_report.json`, `sweep.csv` and `sweep_heatmap.png` are written
+            there. An existing non-empty directory is refused unless `overwrite` is set.
+        adapter_name: name of the fitted adapter.
+        schema, columns, target_behavior, binary_choices: passed to `load_items`.
+        splits: explicit train / validation / test items, instead of splitting `data`.
+        **settings: fields of `FitSettings`: scoring ("likelihood", "likelihood_norm" or "letter"), methods,
+            layers (candidate layers), strengths, seed, proportions, max_samples, use_chat_template,
+            system_prompt, activation, vector_source, layers_module, batch_size, memory_budget_bytes.
+
+    Returns:
+        `FitResult` with the steered PeftModel (the fitted adapter active), the report and the sweep rows.
+    """
+    options = FitSettings(**settings)
+    _check_adapter_name(model, adapter_name)
+    group = ProcessGroup.current()
+    timer = StageTimer()
+    if output_dir is not None:
+        _check_output_dir(Path(output_dir), overwrite)
+
+    with timer.stage("load_data"):
+        loaded, dataset_splits = _load_splits(data, options, schema, columns, target_behavior, binary_choices, splits)
+    name = dataset_name or (loaded.name if loaded is not None else "items")
+    logger.info("Dataset %s: train %d, validation %d, test %d items", name, *dataset_splits.sizes().values())
+
+    runner = BatchRunner(model, activation=options.activation, layers_module=options.layers_module)
+    runner.pad_token_id = _pad_token_id(tokenizer)
+    layers = _candidate_layers(options, runner.num_layers)
+    budget = options.memory_budget_bytes or default_memory_budget(runner.device)
+    encoder = ItemEncoder(tokenizer, options.scoring, options.seed, options.use_chat_template, options.system_prompt)
+
+    with timer.stage("encode"):
+        encoded, dropped = _encode_splits(encoder, dataset_splits, _max_positions(runner.model))
+
+    fit = _Fit(runner, encoder, options, group, budget, layers, show_progress, timer)
+    train = fit.train(encoded["train"])
+    vectors, skipped = fit.build_vectors(train)
+    validation, rows = fit.validation(encoded["validation"], vectors)
+    best_by_method = {method: select_best(rows, method) for method in vectors}
+    best = select_best([best_by_method[method] for method in vectors])
+    test = fit.test(encoded["test"], vectors, best_by_method)
+
+    config = fitted_config(
+        options, best, name, runner.stack.path, method_rows=best_by_method, validation=validation, test=test
+    )
+    previous_active = list(model.active_adapters) if isinstance(model, PeftModel) else None
+    peft_model = attach_fitted_adapter(model, config, {best["layer"]: vectors[best["method"]][best["layer"]]}, adapter_name)
+    report = _build_report(
+        name, loaded, options, dataset_splits, dropped, layers, train, validation, test, rows, best, best_by_method,
+        skipped, vectors, timer, group,
+    )
+    result = FitResult(peft_model, report, rows, vectors=vectors)
+
+    if output_dir is not None and group.is_main:
+        saved_config = adapter_config_of(peft_model, adapter_name, config)
+        try:
+            result.output_dir = _write_outputs(
+                Path(output_dir), overwrite, saved_config, vectors, best, report, rows, validation
+            )
+        except BaseException:
+            # A failed fit gives the caller's model back as it was, as every earlier error does.
+            detach_fitted_adapter(model, peft_model, adapter_name, previous_active)
+            raise
+    group.barrier()
+    return result
+
+
+class _Fit:
+    """The three passes of a fit, sharing the runner, the settings and the process group."""
+
+    def __init__(self, runner, encoder, options: FitSettings, group: ProcessGroup, budget, layers, show_progress, timer):
+        self.runner = runner
+        self.encoder = encoder
+        self.options = options
+        self.group = group
+        self.budget = budget
+        self.layers = layers
+        self.show_progress = show_progress and group.is_main
+        self.timer = timer
+
+    def train(self, encoded: list[EncodedItem]) -> dict:
+        indices, shard = self.group.shard(encoded)
+        with self.timer.stage("train"), self._progress("train: read activations", len(shard)) as advance:
+            evaluation = self._evaluate(shard, vector_layers=self.layers, on_chunk_done=advance)
+        activations = Activations(evaluation.prompt_activations, evaluation.answer_activations, evaluation.answer_rows)
+        labels, predictions = evaluation.labels.tolist(), evaluation.predictions.tolist()
+
+        if self.options.scoring == "letter":
+            with self.timer.stage("train_answers"):
+                self._read_answered_prompts(shard, labels, predictions, activations)
+
+        all_predictions = self.group.gather_rows(indices, evaluation.predictions, len(encoded))
+        all_labels = torch.tensor([item.item.label for item in encoded])
+        _warn_if_degenerate(encoded, all_predictions, self.options.scoring)
+        return {
+            "labels": labels,
+            "predictions": predictions,
+            "activations": activations,
+            "accuracy": accuracy(all_predictions == all_labels),
+            "num_correct": int((all_predictions == all_labels).sum()),
+            "num_wrong": int((all_predictions != all_labels).sum()),
+            "letter_shares": _letter_shares(encoded, all_predictions),
+        }
+
+    def build_vectors(self, train: dict) -> tuple[dict[str, dict[int, torch.Tensor]], dict[str, str]]:
+        vectors, skipped = {}, {}
+        for method in self.options.methods:
+            reason = missing_requirement(method, train["num_correct"], train["num_wrong"])
+            if reason:
+                logger.warning("Skipping %s: %s (the model answered %d of %d training items correctly).",
+                               method, reason, train["num_correct"], train["num_correct"] + train["num_wrong"])
+                skipped[method] = reason
+                continue
+            contrast = contrast_set(method, train["labels"], train["predictions"])
+            sums = contrast_sums(contrast, train["activations"], self.layers).reduced(self.group.all_sum)
+            vectors[method] = sums.vectors()
+        if not vectors:
+            raise ValueError(
+                "No PAS method can be fitted: " + "; ".join(skipped.values()) + ". Use more training items, another "
+                "scoring mode (--scoring), or a dataset the model answers partly right and partly wrong."
+            )
+        return vectors, skipped
+
+    def validation(self, encoded: list[EncodedItem], vectors) -> tuple[SplitEvaluation, list[dict]]:
+        configs = [
+            SweepConfig(method, layer, strength)
+            for method in vectors
+            for layer in self.layers
+            for strength in self.options.strengths
+        ]
+        evaluation = self._evaluate_gathered("validation: sweep", encoded, configs, vectors)
+        return evaluation, sweep_rows(configs, evaluation.config_predictions, evaluation.labels)
+
+    def test(self, encoded: list[EncodedItem], vectors, best_by_method: dict[str, dict]) -> SplitEvaluation:
+        configs = [SweepConfig(method, row["layer"], row["strength"]) for method, row in best_by_method.items()]
+        return self._evaluate_gathered("test: chosen configurations", encoded, configs, vectors)
+
+    def _evaluate_gathered(self, description, encoded, configs, vectors) -> SplitEvaluation:
+        indices, shard = self.group.shard(encoded)
+        stage = description.split(":")[0]
+        with self.timer.stage(stage), self._progress(description, len(shard)) as advance:
+            evaluation = self._evaluate(shard, configs=configs, vectors=vectors, on_chunk_done=advance)
+        return SplitEvaluation(
+            labels=torch.tensor([item.item.label for item in encoded]),
+            predictions=self.group.gather_rows(indices, evaluation.predictions, len(encoded)),
+            configs=configs,
+            config_predictions=self.group.gather_rows(indices, evaluation.config_predictions, len(encoded)),
+        )
+
+    def _evaluate(self, encoded, **kwargs) -> SplitEvaluation:
+        return evaluate_split(
+            self.runner,
+            encoded,
+            vector_source=self.options.vector_source,
+            budget_bytes=self.budget,
+            batch_size=self.options.batch_size,
+            **kwargs,
+        )
+
+    def _read_answered_prompts(self, shard, labels, predictions, activations: Activations) -> None:
+        """Letter mode: iPAS reads "prompt + answer" sequences, which the prediction pass did not run."""
+        keys = sorted({(i, labels[i]) for i in range(len(shard))} | {(i, predictions[i]) for i in range(len(shard))})
+        sequences = [self.encoder.encode_answered(shard[i].item, choice) for i, choice in keys]
+        with self._progress("train: read answered prompts", len(sequences)) as advance:
+            activations.answer = read_last_token_activations(
+                self.runner, sequences, self.layers, vector_source=self.options.vector_source,
+                budget_bytes=self.budget, batch_size=self.options.batch_size,
+            )
+            advance(len(sequences))
+        activations.answer_rows = {key: row for row, key in enumerate(keys)}
+
+    @contextlib.contextmanager
+    def _progress(self, description: str, total: int) -> Iterator:
+        with tqdm(total=total, desc=description, unit="item", disable=not self.show_progress, leave=False) as bar:
+            yield bar.update
+
+
+class StageTimer:
+    """Wall time of each stage of a fit, in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# -- data --------------------------------------------------------------------------------------------------
+
+
+def _load_splits(data, options, schema, columns, target_behavior, binary_choices, splits):
+    if splits is not None:
+        return None, splits_from_mapping(splits, seed=options.seed, max_samples=options.max_samples)
+    if isinstance(data, (list, tuple)) and data and all(isinstance(item, MultipleChoiceItem) for item in data):
+        loaded = None
+        items = list(data)
+    else:
+        loaded = load_items(
+            data, schema=schema, columns=columns, target_behavior=target_behavior, binary_choices=binary_choices
+        )
+        if {"train", "test"} <= set(loaded.splits) and set(loaded.splits) & {"validation", "valid", "val", "dev"}:
+            logger.info("Using the dataset's own splits %s", sorted(loaded.splits))
+            return loaded, splits_from_mapping(loaded.splits, seed=options.seed, max_samples=options.max_samples)
+        items = list(loaded.items)
+    return loaded, split_items(items, seed=options.seed, proportions=options.proportions, max_samples=options.max_samples)
+
+
+def _encode_splits(encoder: ItemEncoder, splits: DatasetSplits, max_positions: Optional[int]):
+    encoded, dropped = {}, {}
+    for name in ("train", "validation", "test"):
+        items = [encoder.encode(item) for item in getattr(splits, name)]
+        kept = [item for item in items if max_positions is None or item.num_tokens <= max_positions]
+        dropped[name] = len(items) - len(kept)
+        if dropped[name]:
+            logger.warning(
+                "Dropped %d of %d %s items longer than the model's context of %d tokens.",
+                dropped[name], len(items), name, max_positions,
+            )
+        if not kept:
+            raise ValueError(
+                f"Every {name} item is longer than the model's context of {max_positions} tokens; use shorter items."
+            )
+        encoded[name] = kept
+    return encoded, dropped
+
+
+def _candidate_layers(options: FitSettings, num_layers: int) -> list[int]:
+    if options.layers is None:
+        return default_candidate_layers(num_layers)
+    from ..architectures import resolve_layer_indices
+
+    return sorted(resolve_layer_indices(list(options.layers), num_layers))
+
+
+def _pad_token_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def _max_positions(model) -> Optional[int]:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None
+
+
+def _letter_shares(encoded: Sequence[EncodedItem], predictions: torch.Tensor) -> dict[str, float]:
+    if encoded[0].choice_letters is None:
+        return {}
+    letters = [item.choice_letters[int(prediction)] for item, prediction in zip(encoded, predictions)]
+    return {letter: letters.count(letter) / len(letters) for letter in sorted(set(letters))}
+
+
+def _warn_if_degenerate(encoded, predictions, scoring: str) -> None:
+    shares = _letter_shares(encoded, predictions)
+    if not shares:
+        return
+    letter, share = max(shares.items(), key=lambda pair: pair[1])
+    if share > DEGENERATE_LETTER_SHARE:
+        logger.warning(
+            "The model answered %s to %.0f%% of the training items, so its letter answers carry little signal; "
+            "--scoring likelihood scores each answer text instead and usually works better for small models.",
+            letter, 100 * share,
+        )
+
+
+def _check_adapter_name(model, adapter_name: str) -> None:
+    tuner = find_pas_tuner(model)
+    if tuner is not None and adapter_name in tuner.peft_config:
+        raise ValueError(f"The model already has an adapter named {adapter_name!r}; pass another adapter_name.")
+
+
+def _check_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another output directory.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Output directory {path} exists and is not empty; choose another directory or pass overwrite=True "
+            "(--overwrite on the command line)."
+        )
+
+
+# -- report and files --------------------------------------------------------------------------------------
+
+
+def _build_report(
+    name, loaded, options, splits, dropped, layers, train, validation, test, rows, best, best_by_method, skipped,
+    vectors, timer, group,
+) -> dict:
+    from .. import __version__
+    import peft
+    import transformers
+
+    test_by_method = {}
+    for index, config in enumerate(test.configs):
+        steered = test.config_predictions[:, index] == test.labels
+        test_by_method[config.method] = {
+            "layer": config.layer,
+            "strength": config.strength,
+            "validation_accuracy": best_by_method[config.method]["validation_accuracy"],
+            **compare_paired(test.correct, steered).to_dict(),
+        }
+    return {
+        "dataset": {
+            "name": name,
+            "schema": loaded.schema if loaded is not None else "items",
+            "target_behavior": loaded.target_behavior if loaded is not None else None,
+            "split_sizes": splits.sizes(),
+            "dropped_too_long": dropped,
+        },
+        "settings": {**asdict(options), "candidate_layers": layers},
+        "chosen": {
+            "method": best["method"],
+            "layer": best["layer"],
+            "strength": best["strength"],
+            "validation_accuracy": best["validation_accuracy"],
+            "improves_validation": best["validation_accuracy"] > accuracy(validation.correct).value,
+        },
+        "train": {"accuracy": train["accuracy"].to_dict(), "letter_shares": train["letter_shares"]},
+        "validation": {"baseline": accuracy(validation.correct).to_dict(), "best_by_method": best_by_method},
+        "test": {"by_method": test_by_method, "chosen": test_by_method[best["method"]]},
+        "skipped_methods": skipped,
+        "vector_norms": {
+            method: {str(layer): float(vector.norm()) for layer, vector in by_layer.items()}
+            for method, by_layer in vectors.items()
+        },
+        "activation_norms": {
+            str(layer): float(tensor.norm(dim=-1).mean()) for layer, tensor in train["activations"].prompt.items()
+        },
+        "wall_time_seconds": dict(timer.seconds),
+        "processes": group.world_size,
+        "versions": {
+            "pas_peft": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+
+
+def _write_outputs(path: Path, overwrite, config, vectors, best, report, rows, validation) -> Path:
+    from ..io import write_adapter_files
+
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        write_adapter_files(staging, config, {best["layer"]: vectors[best["method"]][best["layer"]]})
+        write_report(staging, report)
+        write_sweep_csv(staging, rows)
+        write_heatmap(staging, rows, accuracy(validation.correct).value)
+    logger.info("Wrote the adapter and report to %s", path)
+    return path

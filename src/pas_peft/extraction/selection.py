@@ -1,0 +1,56 @@
+"""The validation sweep table and the choice of layer x strength x method."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .passes import SweepConfig
+
+# The strengths of the PAS reference grid. They are raw multipliers of the mean-difference vector.
+PAPER_STRENGTHS = (0.25, 0.5, 1.0, 4.0, 7.0, 10.0, 13.0, 16.0, 19.0, 22.0, 25.0, 32.0)
+DEFAULT_LAYER_COUNT = 10
+
+
+def default_candidate_layers(num_layers: int, count: int = DEFAULT_LAYER_COUNT) -> list[int]:
+    """Spread `count` layers evenly over the middle of the network (from 20% to 80% of its depth)."""
+    first = int(math.floor(0.2 * num_layers))
+    last = max(int(math.ceil(0.8 * num_layers)) - 1, first)
+    count = min(count, last - first + 1)
+    return sorted({int(round(value)) for value in np.linspace(first, last, count)})
+
+
+def sweep_rows(
+    configs: Sequence[SweepConfig], config_predictions: torch.Tensor, labels: torch.Tensor
+) -> list[dict]:
+    """One row per configuration with its validation accuracy."""
+    correct = (config_predictions == labels[:, None]).sum(dim=0)
+    total = int(labels.numel())
+    return [
+        {
+            "method": config.method,
+            "layer": config.layer,
+            "strength": config.strength,
+            "validation_correct": int(correct[index]),
+            "validation_total": total,
+            "validation_accuracy": int(correct[index]) / total,
+        }
+        for index, config in enumerate(configs)
+    ]
+
+
+def select_best(rows: Sequence[dict], method: Optional[str] = None) -> dict:
+    """
+    Return the row with the highest validation accuracy (of `method`, if given).
+
+    Ties go to the smallest strength, then the earliest layer, then the order of `rows`: the weakest
+    intervention that reaches the best score.
+    """
+    candidates = [(index, row) for index, row in enumerate(rows) if method is None or row["method"] == method]
+    if not candidates:
+        raise ValueError(f"No sweep results for method {method!r}.")
+    _, best = min(candidates, key=lambda pair: (-pair[1]["validation_correct"], pair[1]["strength"], pair[1]["layer"], pair[0]))
+    return best
