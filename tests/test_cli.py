@@ -15,7 +15,7 @@ import pas_peft
 from pas_peft.cli import build_parser, main
 from tiny import make_items, make_tiny_model, make_tokenizer, one_torch_thread, relabel, write_jsonl  # noqa: F401
 
-OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "pas_report.json", "sweep.csv", "sweep_heatmap.png"}
+OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "pas_report.json", "sweep.csv", "sweep_heatmap.png"}
 FIT_OPTIONS = ["--layers", "1", "2", "--strengths", "1", "4", "--max-samples", "30", "-q"]
 
 

@@ -551,7 +551,7 @@ def test_overwrite_replaces_only_on_success(tokenizer, alternating_items, tmp_pa
 
     fit_items(tokenizer, alternating_items, output_dir=output_dir, overwrite=True)
     names = {path.name for path in output_dir.iterdir()}
-    assert names == {"adapter_config.json", "adapter_model.safetensors", "pas_report.json", "sweep.csv", "sweep_heatmap.png"}
+    assert names == {"adapter_config.json", "adapter_model.safetensors", "README.md", "pas_report.json", "sweep.csv", "sweep_heatmap.png"}
     assert [path.name for path in tmp_path.iterdir()] == ["run"]
 
 

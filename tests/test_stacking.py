@@ -538,3 +538,10 @@ def test_merged_route_rejects_wrong_pas_argument(make_base, lora_dir):
         merge_lora_and_attach_pas(lora, 3)
     # Nothing was merged.
     assert any("lora_" in name for name, _ in lora.named_parameters())
+
+
+def test_get_peft_model_on_lora_model_raises(make_base, lora_dir):
+    lora_model = PeftModel.from_pretrained(make_base(), lora_dir)
+    with pytest.raises(ValueError, match="attach_pas"):
+        get_peft_model(lora_model, PASConfig(layers=[1]))
+    assert not any(isinstance(module, PASLayer) for module in lora_model.modules())

@@ -18,6 +18,9 @@ register_pas(PASConfig, PASModel)
 from .api import set_active_adapters, set_strength, steering_strength  # noqa: E402
 from .extraction import FitResult, fit_pas  # noqa: E402
 from .loading import AutoPASModelForCausalLM, from_pretrained, load_adapter, load_base_model  # noqa: E402
+from .export import export_control_vector  # noqa: E402
+from .hub import push_to_hub, write_model_card  # noqa: E402
+from .stacking import PASStack, attach_pas, merge_lora_and_attach_pas  # noqa: E402
 from .vectors import SteeringVectors  # noqa: E402
 
 __all__ = [
@@ -26,13 +29,19 @@ __all__ = [
     "PASConfig",
     "PASLayer",
     "PASModel",
+    "PASStack",
     "SteeringVectors",
     "__version__",
+    "attach_pas",
+    "export_control_vector",
     "fit_pas",
     "from_pretrained",
     "load_adapter",
     "load_base_model",
+    "merge_lora_and_attach_pas",
+    "push_to_hub",
     "set_active_adapters",
     "set_strength",
     "steering_strength",
+    "write_model_card",
 ]

@@ -202,6 +202,13 @@ class PASConfig(PeftConfig):
             self.target_modules = list(self.target_modules)
         self._validate()
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write adapter_config.json, then add or update the PAS section of the directory's model card."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .hub import write_model_card
+
+        write_model_card(save_directory)
+
     def _validate(self) -> None:
         if self.layers is not None:
             self.layers = list(self.layers)

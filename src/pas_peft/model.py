@@ -7,7 +7,9 @@ import logging
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .architectures import (
@@ -74,6 +76,12 @@ class PASModel(BaseTuner):
 
     def _prepare_model(self, peft_config: PASConfig, model: nn.Module) -> None:
         """Check the config against the model and resolve `layers` into `target_modules`."""
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                f"Cannot add PAS to a {type(model.base_model).__name__} PeftModel with get_peft_model: its adapter "
+                "files would hold the other adapter too. Use pas_peft.attach_pas(peft_model, PASConfig(...)) to "
+                "stack PAS on a LoRA, or merge the LoRA first with merge_and_unload()."
+            )
         stack = find_decoder_stack(model, peft_config.layers_module)
         hidden_size = model_hidden_size(model)
         check_model_matches_config(peft_config, hidden_size, stack.num_layers)
@@ -136,6 +144,24 @@ class PASModel(BaseTuner):
                 "different activations on separate models."
             )
         steering.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        # Only this tuner's layers: a LoRA PeftModel sharing the transformers model keeps its own switch.
+        names = set(self.peft_config)
+        for module in self.model.modules():
+            owned_wrapper = isinstance(module, AuxiliaryTrainingWrapper) and names & module._get_available_adapters()
+            if isinstance(module, PASLayer) or owned_wrapper:
+                module.enable_adapters(enabled)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # Only PAS entries: another tuner's layers on the same model (a stacked LoRA) are not part of this adapter.
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        prefixes = tuple(
+            f"{name}." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+            and not isinstance(module, PASLayer)
+        )
+        return {key: value for key, value in selected.items() if not _is_under(key, prefixes)}
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(
@@ -336,6 +362,10 @@ def remove_steering(model: nn.Module) -> None:
     state = find_prompt_positions(model)
     if state is not None:
         state.remove(model)
+
+
+def _is_under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key.startswith(prefix) or f".{prefix}" in key for prefix in prefixes) if prefixes else False
 
 
 def _steering_layers(model: nn.Module) -> list[PASLayer]:

@@ -8,9 +8,14 @@ from typing import Optional
 
 import torch
 
-DEFAULT_CPU_BUDGET_FRACTION = 0.25
 DEFAULT_GPU_BUDGET_FRACTION = 0.5
-MAX_DEFAULT_BUDGET_BYTES = 8 * 1024**3
+MAX_DEFAULT_GPU_BUDGET_BYTES = 8 * 1024**3
+# On a CPU, batches beyond a few thousand tokens stop paying off and only cost memory: with SmolLM2-135M on
+# 2 cores, 16 prompts of ~110 tokens per forward ran as fast per prompt as 32 and 6% faster than 64
+# (benchmarks/sweep_speed.py machine, docs/benchmarks.md).
+DEFAULT_CPU_BUDGET_BYTES = 1024**3
+CPU_PREFIX_TOKENS_PER_BATCH = 2048
+GPU_PREFIX_TOKENS_PER_BATCH = 32768
 
 
 @dataclass(frozen=True)
@@ -37,15 +42,20 @@ class MemoryModel:
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Return a working-memory budget in bytes: part of the free accelerator memory, or of the machine's RAM."""
+    """Return a working-memory budget in bytes: half the free accelerator memory (at most 8 GiB), or 1 GiB on a CPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(min(free * DEFAULT_GPU_BUDGET_FRACTION, MAX_DEFAULT_BUDGET_BYTES))
+        return int(min(free * DEFAULT_GPU_BUDGET_FRACTION, MAX_DEFAULT_GPU_BUDGET_BYTES))
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        available = 4 * 1024**3
-    return int(min(available * DEFAULT_CPU_BUDGET_FRACTION, MAX_DEFAULT_BUDGET_BYTES))
+        available = DEFAULT_CPU_BUDGET_BYTES * 4
+    return int(min(available // 4, DEFAULT_CPU_BUDGET_BYTES))
+
+
+def prefix_tokens_per_batch(device: torch.device) -> int:
+    """Return how many padded prefix tokens one encoding forward should hold."""
+    return GPU_PREFIX_TOKENS_PER_BATCH if device.type == "cuda" else CPU_PREFIX_TOKENS_PER_BATCH
 
 
 def rows_per_batch(

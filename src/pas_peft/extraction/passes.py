@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .batching import MemoryModel, rows_per_batch
+from .batching import MemoryModel, prefix_tokens_per_batch, rows_per_batch
 from .engine import BatchRunner, ReadPoint, Steering
 from .scoring import EncodedItem, last_positions, predict_from_logits
 
@@ -83,7 +83,8 @@ def evaluate_split(
     prompt_parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in vector_layers}
     answer_parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in vector_layers}
 
-    for chunk_start, chunk in _chunks(encoded, memory, budget_bytes, batch_size):
+    max_prefix_tokens = prefix_tokens_per_batch(runner.device)
+    for chunk_start, chunk in _chunks(encoded, memory, budget_bytes, batch_size, max_prefix_tokens):
         prefixes = runner.encode_prefixes([item.prefix for item in chunk])
         baseline = _run_rows(
             runner,
@@ -222,8 +223,14 @@ def _pad_rows(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
     return padded
 
 
-def _chunks(encoded: Sequence[EncodedItem], memory: MemoryModel, budget_bytes: int, batch_size: Optional[int]):
-    """Yield (start index, items) chunks whose unsteered continuations fit one forward."""
+def _chunks(
+    encoded: Sequence[EncodedItem],
+    memory: MemoryModel,
+    budget_bytes: int,
+    batch_size: Optional[int],
+    max_prefix_tokens: int,
+):
+    """Yield (start index, items) chunks whose prefixes fit one encoding forward and whose rows fit one batch."""
     start = 0
     while start < len(encoded):
         end = start
@@ -234,7 +241,9 @@ def _chunks(encoded: Sequence[EncodedItem], memory: MemoryModel, budget_bytes: i
             prefix_tokens = max(prefix_tokens, len(item.prefix))
             continuation_tokens = max(continuation_tokens, max(len(row) for row in item.continuations))
             capacity = rows_per_batch(memory, prefix_tokens, continuation_tokens, budget_bytes, batch_size)
-            if end > start and rows + len(item.continuations) > capacity:
+            too_many_rows = rows + len(item.continuations) > capacity
+            too_many_tokens = batch_size is None and (end - start + 1) * prefix_tokens > max_prefix_tokens
+            if end > start and (too_many_rows or too_many_tokens):
                 break
             rows += len(item.continuations)
             end += 1
@@ -258,6 +267,8 @@ def read_last_token_activations(
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     longest = max((len(sequence) for sequence in sequences), default=0)
     step = rows_per_batch(memory, longest, 1, budget_bytes, batch_size)
+    if batch_size is None:
+        step = max(1, min(step, prefix_tokens_per_batch(runner.device) // max(longest, 1)))
     for start in range(0, len(sequences), step):
         batch = sequences[start : start + step]
         prefixes = runner.encode_prefixes([sequence[:-1] for sequence in batch])
