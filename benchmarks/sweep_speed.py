@@ -183,7 +183,6 @@ def run_pas_peft(settings: dict) -> dict:
 def run_reference(settings: dict, vectors_file: str) -> dict:
     import torch
 
-    from pas_peft.extraction.methods import METHODS, contrast_set, missing_requirement
     from pas_peft.extraction.reference import reference_sweep
     from pas_peft.extraction.scoring import ItemEncoder
     from pas_peft.extraction.selection import select_best, sweep_rows
@@ -232,7 +231,7 @@ def run_reference(settings: dict, vectors_file: str) -> dict:
 
 
 def _reference_extraction(model, encoder, train, layers, scoring):
-    """One full forward per training prompt (and per answered prompt), reading hidden states; then the means."""
+    """Read activations with one full forward per training prompt (and per answered prompt), then average them."""
     import torch
 
     from pas_peft.extraction.methods import METHODS, contrast_set, missing_requirement
@@ -286,7 +285,7 @@ def _mean(keys, layer, prompt_reads, answer_reads):
 
 
 def run_lora_sft(settings: dict) -> dict:
-    """One epoch of LoRA SFT (rank 8 on the attention projections) on "prompt + correct answer" texts."""
+    """Time one epoch of LoRA SFT (rank 8 on the attention projections) on "prompt + correct answer" texts."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -315,8 +314,6 @@ def run_lora_sft(settings: dict) -> dict:
 
 
 def run_fit_vs_floor(settings: dict) -> dict:
-    import torch
-
     import pas_peft
     from pas_peft.extraction.scoring import ItemEncoder
 

@@ -13,7 +13,7 @@ import pytest
 
 import pas_peft
 from pas_peft.cli import build_parser, main
-from tiny import make_items, make_tiny_model, make_tokenizer, one_torch_thread, relabel, write_jsonl  # noqa: F401
+from tiny import make_items, make_tiny_model, make_tokenizer, relabel, write_jsonl
 
 OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "pas_report.json", "sweep.csv", "sweep_heatmap.png"}
 FIT_OPTIONS = ["--layers", "1", "2", "--strengths", "1", "4", "--max-samples", "30", "-q"]
@@ -97,6 +97,43 @@ def test_fit_overwrite_replaces(workspace, tmp_path):
 
     assert code == 0, stderr
     assert {path.name for path in output_dir.iterdir()} == OUTPUT_FILES
+
+
+def test_fit_records_data_source(workspace):
+    config = json.loads((workspace["output"] / "adapter_config.json").read_text())
+
+    assert Path(config["fit_summary"]["dataset_source"]) == workspace["data"]
+
+
+def test_eval_defaults_to_fitted_data(workspace):
+    code, stdout, stderr = run_cli(["eval", "--adapter", workspace["output"], "--json", "-q"])
+
+    assert code == 0, stderr
+    assert json.loads(stdout)["items"] == 40
+
+
+def test_fit_writes_model_card(workspace):
+    card = (workspace["output"] / "README.md").read_text()
+
+    assert "import pas_peft" in card
+    assert "library_name: peft" in card
+
+
+def test_fit_skip_invalid_rows(workspace, tmp_path):
+    rows = [json.loads(line) for line in workspace["data"].read_text().splitlines()]
+    rows.insert(3, {"question": "", "choices": ["red", "blue"], "label": 0})
+    data = tmp_path / "with_empty_row.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["fit", "--model", workspace["model"], "--data", data, *FIT_OPTIONS]
+
+    code, _, stderr = run_cli([*common, "--output-dir", tmp_path / "strict"])
+    assert code == 2
+    assert "--skip-invalid" in stderr or "skip_invalid" in stderr
+    assert not (tmp_path / "strict").exists()
+
+    code, _, stderr = run_cli([*common, "--output-dir", tmp_path / "lenient", "--skip-invalid"])
+    assert code == 0, stderr
+    assert (tmp_path / "lenient" / "adapter_config.json").exists()
 
 
 def test_eval_prints_accuracies(workspace):

@@ -745,3 +745,13 @@ def test_bundled_sycophancy_default_target():
 def test_unknown_bundled_name():
     with pytest.raises(KeyError, match="no bundled dataset named 'bbq_religion'"):
         bundled_dataset_path("bbq_religion")
+
+
+def test_loaded_items_record_source(tmp_path):
+    bundled = load_items("bbq_age")
+    from_file = load_items(FIXTURES / "bbq_age.jsonl")
+    in_memory = load_items([{"question": "Is water wet?", "choices": ["No", "Yes"], "label": 1}])
+
+    assert bundled.source == "bbq_age"
+    assert from_file.source == str((FIXTURES / "bbq_age.jsonl").resolve())
+    assert in_memory.source is None

@@ -11,10 +11,9 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["stacking-with-lora.md", "trainable-vectors.md", "hub.md", "export-llama-cpp.md"]
+PAGES = ["positions.md", "stacking-with-lora.md", "trainable-vectors.md", "hub.md", "export-llama-cpp.md", "loading.md"]
 SKIP_MARK = "<!-- no-test -->"
 # Skipped blocks must stay the exception; raise this only with a reason.
 MAX_SKIPPED_PER_PAGE = 2
@@ -49,11 +48,7 @@ def sandbox(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    previous = torch.get_num_threads()
-    # Tiny models run far slower with several intra-op threads on a busy machine.
-    torch.set_num_threads(1)
     yield tmp_path
-    torch.set_num_threads(previous)
 
 
 def test_code_block_parser():

@@ -9,7 +9,7 @@ from peft import PeftModel
 from pas_peft import fit_pas
 from pas_peft.data import load_items
 from pas_peft.extraction.evaluate import evaluate_adapter
-from tiny import make_items, make_tiny_model, make_tokenizer, one_torch_thread, relabel, write_jsonl  # noqa: F401
+from tiny import make_items, make_tiny_model, make_tokenizer, relabel, write_jsonl
 
 LAYERS = (0, 1)
 STRENGTHS = (4.0, 32.0)

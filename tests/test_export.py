@@ -18,15 +18,6 @@ HIDDEN = 32
 NUM_LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models run far slower with several intra-op threads on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -28,7 +28,7 @@ from conftest import reference_steering
 from pas_peft import fit_pas
 from pas_peft.data import ColumnMapping, MultipleChoiceItem, split_items
 from pas_peft.extraction.scoring import ItemEncoder
-from tiny import make_items, make_tiny_model, make_tokenizer, one_torch_thread, relabel  # noqa: F401
+from tiny import make_items, make_tiny_model, make_tokenizer, relabel
 
 METHODS = ("pasf", "ipas_all", "ipas_wrong_only")
 # transformers 5.25 puts the final-norm output in the last entry of `hidden_states`, so hidden_states[L + 1] is
@@ -615,3 +615,15 @@ def test_write_crash_keeps_lora_model(tokenizer, alternating_items, tmp_path, mo
     assert set(lora.peft_config) == {"default"}
     assert isinstance(lora.peft_config["default"], peft.LoraConfig)
     assert not any(isinstance(module, pas_peft.PASLayer) for module in lora.modules())
+
+
+def test_warns_when_nothing_improves(tokenizer, caplog):
+    items = make_items(20, seed=11)
+    plain = fit_items(tokenizer, relabel(items, [0] * len(items)), strengths=[0.0])
+
+    with caplog.at_level("WARNING", logger="pas_peft.extraction.fit"):
+        result = fit_items(tokenizer, relabel(items, [0] * len(items)), strengths=[0.0])
+
+    assert result.report["chosen"]["improves_validation"] is False
+    assert plain.report["chosen"]["strength"] == 0.0
+    assert any("No configuration beat the unsteered validation accuracy" in record.message for record in caplog.records)

@@ -19,15 +19,6 @@ STEERED_LAYER = 1
 STRENGTH = 2.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models run far slower with several intra-op threads on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config() -> LlamaConfig:
     return LlamaConfig(
         hidden_size=HIDDEN,

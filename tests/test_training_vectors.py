@@ -14,15 +14,6 @@ VOCAB = 64
 WORDS = "the cat sat on a mat and the dog ran to the red ball while birds sang in tall green trees".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models run far slower with several intra-op threads on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_model(vocab_size=VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(

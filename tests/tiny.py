@@ -13,8 +13,6 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-import pytest
-import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -31,17 +29,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 VOCAB_SIZE = 400
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run a test module's tiny models on one thread, restoring the thread count afterwards."""
-    # Note: on 2 CPU cores shared with other test processes, torch's default thread count made test_fit.py
-    # take 98 s, against 6 s on one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_tokenizer() -> transformers.PreTrainedTokenizerFast:

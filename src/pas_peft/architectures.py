@@ -1,4 +1,4 @@
-"""Where each model family keeps its decoder layers and the activations PAS can steer."""
+"""Decoder-layer discovery for transformers models, and the modules behind each steerable activation."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_generate(commands)
     _add_datasets(commands)
+    _add_autoload(commands)
     return parser
 
 
@@ -82,6 +83,7 @@ def _add_fit(commands) -> None:
 
 def _run_fit(args) -> int:
     from . import fit_pas, load_base_model
+    from .data import load_items
 
     settings = {
         "scoring": args.scoring,
@@ -108,20 +110,26 @@ def _run_fit(args) -> int:
             f"Output directory {output_dir} exists and is not empty; pass --overwrite to replace it, or choose "
             "another --output-dir."
         )
-    columns = _column_mapping(args)
-    model, tokenizer = load_base_model(args.model, gguf_file=args.gguf_file, torch_dtype=args.dtype, device_map=args.device_map)
+    # The data is read before the model loads too, so that a bad file or column fails in seconds.
+    loaded = load_items(
+        data,
+        schema=args.schema,
+        columns=_column_mapping(args),
+        target_behavior=args.target_behavior,
+        skip_invalid=args.skip_invalid,
+    )
+    model, tokenizer = load_base_model(
+        args.model, gguf_file=args.gguf_file, torch_dtype=args.dtype, device_map=_device_map(args.device_map)
+    )
     if quick:
         _apply_quick_defaults(settings, model)
 
     result = fit_pas(
         model,
         tokenizer,
-        data,
+        loaded,
         output_dir=output_dir,
         overwrite=args.overwrite,
-        schema=args.schema,
-        columns=columns,
-        target_behavior=args.target_behavior,
         show_progress=not args.quiet,
         **settings,
     )
@@ -198,7 +206,7 @@ def _run_eval(args) -> int:
 
     model, tokenizer = AutoPASModelForCausalLM.from_pretrained(args.adapter)
     summary = model.peft_config[model.active_adapter].fit_summary or {}
-    data = args.data or summary.get("dataset") or DEFAULT_DATASET
+    data = args.data or summary.get("dataset_source") or DEFAULT_DATASET
     result = evaluate_adapter(
         model,
         tokenizer,
@@ -210,6 +218,7 @@ def _run_eval(args) -> int:
         schema=args.schema,
         columns=_column_mapping(args),
         target_behavior=args.target_behavior,
+        skip_invalid=args.skip_invalid,
         batch_size=args.batch_size,
     )
     if args.json:
@@ -310,6 +319,37 @@ def _run_datasets(args) -> int:
     return 0
 
 
+# -- autoload ----------------------------------------------------------------------------------------------
+
+
+def _add_autoload(commands) -> None:
+    autoload = commands.add_parser(
+        "autoload",
+        help="opt in (or out) to importing pas_peft automatically whenever peft is imported",
+        description=(
+            "Write or remove a .pth file in this environment's site-packages that imports pas_peft right after "
+            "peft, so code that never imports pas_peft can still load PAS adapters. Off by default."
+        ),
+    )
+    autoload.add_argument("action", choices=("enable", "disable", "status"), help="what to do")
+    autoload.add_argument("--site-dir", type=Path, default=None, help="folder for the .pth file (default: site-packages)")
+    autoload.set_defaults(handler=_run_autoload)
+
+
+def _run_autoload(args) -> int:
+    from .autoload import autoload_path, disable_autoload, enable_autoload
+
+    if args.action == "enable":
+        print(f"Enabled: {enable_autoload(args.site_dir)}")
+    elif args.action == "disable":
+        removed = disable_autoload(args.site_dir)
+        print(f"Disabled: removed {removed}" if removed else "Already disabled.")
+    else:
+        path = autoload_path(args.site_dir)
+        print(f"Enabled: {path}" if path else "Disabled.")
+    return 0
+
+
 # -- shared options ----------------------------------------------------------------------------------------
 
 
@@ -332,8 +372,25 @@ def _add_data_options(parser) -> None:
     parser.add_argument("--choices-column", nargs="+", default=None, help="one column holding a list of choices, or one column per choice")
     parser.add_argument("--label-column", default=None, help="column with the correct choice (index, letter or answer text)")
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip rows that cannot be read as items (empty question, bad label) instead of stopping")
     if not any(action.dest == "quiet" for action in parser._actions):
         parser.add_argument("-q", "--quiet", action="store_true", help="print warnings and results only")
+
+
+def _device_map(value: Optional[str]):
+    """Pass --device-map on, and give each process its own GPU when a launcher started several."""
+    import os
+
+    import torch
+
+    if value is not None:
+        return value
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and torch.cuda.is_available():
+        # NOTE: not run here (no GPU on the development machine); torchrun sets LOCAL_RANK for each process.
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return None
 
 
 def _column_mapping(args):

@@ -19,7 +19,7 @@ class PASConfig(PeftConfig):
     """
     Configuration of a Painless Activation Steering (PAS) adapter.
 
-    A PAS adapter holds one steering vector per steered decoder layer. At run time it adds
+    A PAS adapter stores one steering vector per steered decoder layer. At run time it adds
     `strength * vector` to the chosen activation of each steered layer, at the chosen token positions.
     Vectors start at zero, so a freshly created adapter leaves the model's outputs unchanged until
     vectors are fitted (see `pas_peft.fit_pas`) or trained.

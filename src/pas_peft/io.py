@@ -23,7 +23,7 @@ PEFT_KEY_PREFIX = "base_model.model."
 
 
 def check_safetensors_adapter(adapter_directory: Union[str, os.PathLike]) -> None:
-    """Raise if a local adapter directory holds pickled weights instead of safetensors."""
+    """Raise a ValueError if a local adapter directory contains pickled weights but no safetensors file."""
     directory = Path(adapter_directory)
     if not directory.is_dir():
         return
@@ -54,7 +54,7 @@ def read_adapter_directory(adapter_directory: Union[str, os.PathLike]) -> tuple[
     expected = {vector_key(name): name for name in config.target_modules or []}
     if set(state_dict) != set(expected):
         raise ValueError(
-            f"{weights_path} does not match {config_path}: it holds {sorted(state_dict)} but the config steers "
+            f"{weights_path} does not match {config_path}: it contains {sorted(state_dict)} but the config steers "
             f"{config.target_modules}. Save the adapter again with save_pretrained()."
         )
     vectors = {layer_index(config, name): state_dict[key].float() for key, name in expected.items()}

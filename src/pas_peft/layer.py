@@ -1,4 +1,4 @@
-"""The steering layer: the one place where PAS adds vectors to activations."""
+"""The steering layer that adds PAS vectors to a model's activations at run time."""
 
 from __future__ import annotations
 

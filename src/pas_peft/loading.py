@@ -110,7 +110,7 @@ def from_pretrained(
     check_safetensors_adapter(adapter)
     config = PeftConfig.from_pretrained(str(adapter), **_hub_kwargs(kwargs))
     if not isinstance(config, PASConfig):
-        raise ValueError(f"{adapter} holds a {config.peft_type} adapter, not a PAS adapter; load it with peft directly.")
+        raise ValueError(f"{adapter} contains a {config.peft_type} adapter, not a PAS adapter; load it with peft directly.")
     return PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
 
 
@@ -151,7 +151,7 @@ class AutoPASModelForCausalLM:
         check_safetensors_adapter(adapter)
         config = PeftConfig.from_pretrained(str(adapter), **_hub_kwargs(kwargs))
         if not isinstance(config, PASConfig):
-            raise ValueError(f"{adapter} holds a {config.peft_type} adapter, not a PAS adapter.")
+            raise ValueError(f"{adapter} contains a {config.peft_type} adapter, not a PAS adapter.")
         base_path, gguf_file = resolve_base_model(config)
         model, tokenizer = load_base_model(base_path, gguf_file=gguf_file, torch_dtype=torch_dtype, device_map=device_map)
         peft_model = from_pretrained(model, adapter, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
@@ -162,7 +162,7 @@ def resolve_base_model(config: PASConfig) -> tuple[Optional[str], Optional[str]]
     """
     Return `(name_or_path, gguf_file)` for the base model recorded in `config`.
 
-    An adapter made on the embedded SmolLM2 records the package folder of the machine that made it; when
+    An adapter made on the embedded SmolLM2 records the package folder of the machine that made it. When
     that folder does not exist here, the locally installed package is used instead.
     """
     base = config.base_model_name_or_path

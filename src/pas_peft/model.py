@@ -33,7 +33,7 @@ class PASModel(BaseTuner):
     """
     Creates a Painless Activation Steering (PAS) model from a pretrained transformers model.
 
-    Each steered decoder layer gets a `PASLayer` child (`model.layers.N.steering`) that holds one steering
+    Each steered decoder layer gets a `PASLayer` child (`model.layers.N.steering`) that stores one steering
     vector per adapter and adds `strength * vector` to the layer's activation through a forward hook. PAS
     cannot be merged into weights; `unload()` removes every hook and child module and returns the untouched
     model.
@@ -260,12 +260,12 @@ class PASModel(BaseTuner):
         """
         name = self._adapter_names(adapter_name)[0]
         layers = {layer.layer_index: layer for layer in _steering_layers(self.model) if name in layer.pas_vector}
-        given = {int(index) % self.peft_config[name].num_hidden_layers: value for index, value in vectors.items()}
-        if set(given) != set(layers):
+        provided = {int(index) % self.peft_config[name].num_hidden_layers: value for index, value in vectors.items()}
+        if set(provided) != set(layers):
             raise ValueError(
-                f"Adapter {name!r} steers layers {sorted(layers)}, but vectors were given for layers {sorted(given)}."
+                f"Adapter {name!r} steers layers {sorted(layers)}, but vectors were given for layers {sorted(provided)}."
             )
-        for index, value in given.items():
+        for index, value in provided.items():
             target = layers[index].pas_vector[name]
             value = torch.as_tensor(value)
             if value.shape != target.shape:

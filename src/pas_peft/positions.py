@@ -41,7 +41,7 @@ STATE_ATTRIBUTE = "_pas_prompt_positions"
 
 @dataclass
 class ForwardCall:
-    """What the decoder stack is processing right now."""
+    """The forward call the decoder stack is running: cache offset, input length, batch size and mask."""
 
     offset: int
     query_length: int
@@ -54,7 +54,7 @@ class PromptPositions:
     Per-model state that turns a steering mode into a mask over the tokens of the current forward call.
 
     One instance is shared by every steering layer of a model. A forward pre-hook on the module that runs
-    the decoder layers records the cache offset and input length of each call; a wrapper around the
+    the decoder layers records the cache offset and input length of each call. A wrapper around the
     model's `generate` records the prompt length.
 
     NOTE: the state is mutable and shared, so one model should run one forward or `generate` at a time
@@ -193,9 +193,9 @@ def install_prompt_positions(model: nn.Module, stack_owner: nn.Module) -> Prompt
     """
     Return the position state of `model`, installing it on first use.
 
-    Installs a forward pre-hook on `stack_owner` (the module whose forward runs the decoder layers) and an
-    instance-level wrapper around `model.generate`, so `generate` records the prompt length whether it is
-    called on a PeftModel, on a PeftModel without task type, or on the transformers model itself.
+    Installs a forward pre-hook on `stack_owner`, the module whose forward runs the decoder layers. Also
+    wraps `model.generate` on the instance, so that `generate` records the prompt length when it is called
+    on a PeftModel, on a PeftModel without task type, or on the transformers model itself.
     """
     state = model.__dict__.get(STATE_ATTRIBUTE)
     if state is not None:

@@ -46,6 +46,8 @@ class LoadedItems:
         splits (`dict[str, tuple[MultipleChoiceItem, ...]]`): The items of each named split when the source
             had splits (a `DatasetDict`); empty otherwise. See `pas_peft.data.splits.splits_from_mapping`.
         target_behavior (`str` or `None`): The A/B target used (``"matching"`` or ``"not_matching"``).
+        source (`str` or `None`): The bundled dataset name or the absolute file path the items were read from;
+            `None` for in-memory data.
         skipped (`tuple[str, ...]`): Source ids of the invalid rows skipped with ``skip_invalid=True``.
     """
 
@@ -55,6 +57,7 @@ class LoadedItems:
     splits: Mapping[str, tuple[MultipleChoiceItem, ...]] = field(default_factory=dict)
     target_behavior: Optional[str] = None
     skipped: tuple[str, ...] = ()
+    source: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -124,6 +127,7 @@ def load_items(
         )
     choices_override = _checked_binary_choices(binary_choices)
 
+    source = _source_of(data)
     if isinstance(data, str) and not Path(data).exists() and data in BUNDLED_DATASETS:
         info = bundled_dataset(data)
         if target_behavior is None and info.target_behavior is not None:
@@ -164,7 +168,16 @@ def load_items(
         splits=split_items,
         target_behavior=behavior,
         skipped=tuple(skipped),
+        source=source,
     )
+
+
+def _source_of(data: Any) -> Optional[str]:
+    if isinstance(data, str) and not Path(data).exists() and data in BUNDLED_DATASETS:
+        return data
+    if isinstance(data, (str, Path)):
+        return str(Path(data).resolve())
+    return None
 
 
 def _checked_binary_choices(binary_choices: Optional[Sequence[str]]) -> Optional[tuple[str, str]]:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReadPoint:
-    """Where an activation is read: the input of decoder layer `layer`, or its steered activation."""
+    """Read location of an activation: the input of decoder layer `layer`, or its steered activation."""
 
     layer: int
     kind: str  # "layer_input" or "steering_point"
@@ -214,7 +214,7 @@ class BatchRunner:
     @contextlib.contextmanager
     def _steer(self, steering: Steering) -> Iterator[None]:
         # NOTE: the sweep adds vectors here rather than through PASLayer, because every row carries its own
-        # vector and strength; the tests check that both give the same predictions.
+        # vector and strength. The equivalence tests check that both give the same predictions.
         point = self.steering_module(steering.layer)
 
         def add(hidden: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
-
-import torch
+from typing import Optional
 
 from ..api import find_pas_tuner
 from ..data import load_items
@@ -32,12 +30,14 @@ def evaluate_adapter(
     schema: str = "auto",
     columns=None,
     target_behavior: Optional[str] = None,
+    skip_invalid: bool = False,
     batch_size: Optional[int] = None,
 ) -> dict:
     """
     Score a single-layer PAS adapter on every item of `data` and compare with the unsteered model.
 
-    Scoring mode, chat template and strength default to what the adapter's fit recorded.
+    Scoring mode, chat template and strength default to what the adapter's fit recorded, and so does the A/B
+    target when `data` is the dataset the adapter was fitted on.
     """
     tuner = find_pas_tuner(peft_model)
     if tuner is None:
@@ -57,7 +57,11 @@ def evaluate_adapter(
         )
     layer, vector = next(iter(vectors.items()))
 
-    loaded = load_items(data, schema=schema, columns=columns, target_behavior=target_behavior)
+    if target_behavior is None and data == summary.get("dataset_source"):
+        target_behavior = summary.get("target_behavior")
+    loaded = load_items(
+        data, schema=schema, columns=columns, target_behavior=target_behavior, skip_invalid=skip_invalid
+    )
     items = list(loaded.items)[:max_samples] if max_samples else list(loaded.items)
     encoder = ItemEncoder(tokenizer, scoring, seed, use_chat_template)
     encoded = [encoder.encode(item) for item in items]

@@ -74,7 +74,7 @@ class FitSettings:
 
 @dataclass
 class FitResult:
-    """What `fit_pas` returns: the steered model, the report and the validation sweep."""
+    """Result of `fit_pas`: the steered model, the report and the validation sweep."""
 
     model: Any
     report: dict
@@ -97,6 +97,7 @@ def fit_pas(
     target_behavior: Optional[str] = None,
     binary_choices: Optional[Sequence[str]] = None,
     splits: Optional[dict[str, Sequence[MultipleChoiceItem]]] = None,
+    skip_invalid: bool = False,
     show_progress: bool = True,
     **settings: Any,
 ) -> FitResult:
@@ -113,11 +114,12 @@ def fit_pas(
             of a LoRA PeftModel include its LoRA).
         tokenizer: the model's tokenizer.
         data: anything `pas_peft.data.load_items` reads (a file path, a bundled dataset name, a `datasets`
-            Dataset or DatasetDict, a DataFrame, a list of dicts), or a list of `MultipleChoiceItem`.
+            Dataset or DatasetDict, a DataFrame, a list of dicts), its result (`LoadedItems`), or a list of
+            `MultipleChoiceItem`.
         output_dir: if given, the adapter, `pas_report.json`, `sweep.csv` and `sweep_heatmap.png` are written
             there. An existing non-empty directory is refused unless `overwrite` is set.
         adapter_name: name of the fitted adapter.
-        schema, columns, target_behavior, binary_choices: passed to `load_items`.
+        schema, columns, target_behavior, binary_choices, skip_invalid: passed to `load_items`.
         splits: explicit train / validation / test items, instead of splitting `data`.
         **settings: fields of `FitSettings`: scoring ("likelihood", "likelihood_norm" or "letter"), methods,
             layers (candidate layers), strengths, seed, proportions, max_samples, use_chat_template,
@@ -134,7 +136,9 @@ def fit_pas(
         _check_output_dir(Path(output_dir), overwrite)
 
     with timer.stage("load_data"):
-        loaded, dataset_splits = _load_splits(data, options, schema, columns, target_behavior, binary_choices, splits)
+        loaded, dataset_splits = _load_splits(
+            data, options, schema, columns, target_behavior, binary_choices, splits, skip_invalid
+        )
     name = dataset_name or (loaded.name if loaded is not None else "items")
     logger.info("Dataset %s: train %d, validation %d, test %d items", name, *dataset_splits.sizes().values())
 
@@ -153,11 +157,19 @@ def fit_pas(
     validation, rows = fit.validation(encoded["validation"], vectors)
     best_by_method = {method: select_best(rows, method) for method in vectors}
     best = select_best([best_by_method[method] for method in vectors])
+    baseline_validation = accuracy(validation.correct).value
+    if best["validation_accuracy"] <= baseline_validation:
+        logger.warning(
+            "No configuration beat the unsteered validation accuracy (%.3f); the best one (%s, layer %d, strength "
+            "%g) reaches %.3f. The adapter is still written, and the report records improves_validation=false.",
+            baseline_validation, best["method"], best["layer"], best["strength"], best["validation_accuracy"],
+        )
     test = fit.test(encoded["test"], vectors, best_by_method)
 
     config = fitted_config(
         options, best, name, runner.stack.path, method_rows=best_by_method, validation=validation, test=test
     )
+    config.fit_summary.update(_data_provenance(loaded))
     previous_active = list(model.active_adapters) if isinstance(model, PeftModel) else None
     peft_model = attach_fitted_adapter(model, config, {best["layer"]: vectors[best["method"]][best["layer"]]}, adapter_name)
     report = _build_report(
@@ -308,21 +320,36 @@ class StageTimer:
 # -- data --------------------------------------------------------------------------------------------------
 
 
-def _load_splits(data, options, schema, columns, target_behavior, binary_choices, splits):
+def _load_splits(data, options, schema, columns, target_behavior, binary_choices, splits, skip_invalid):
     if splits is not None:
         return None, splits_from_mapping(splits, seed=options.seed, max_samples=options.max_samples)
     if isinstance(data, (list, tuple)) and data and all(isinstance(item, MultipleChoiceItem) for item in data):
         loaded = None
         items = list(data)
     else:
-        loaded = load_items(
-            data, schema=schema, columns=columns, target_behavior=target_behavior, binary_choices=binary_choices
+        loaded = data if isinstance(data, LoadedItems) else load_items(
+            data,
+            schema=schema,
+            columns=columns,
+            target_behavior=target_behavior,
+            binary_choices=binary_choices,
+            skip_invalid=skip_invalid,
         )
         if {"train", "test"} <= set(loaded.splits) and set(loaded.splits) & {"validation", "valid", "val", "dev"}:
             logger.info("Using the dataset's own splits %s", sorted(loaded.splits))
             return loaded, splits_from_mapping(loaded.splits, seed=options.seed, max_samples=options.max_samples)
         items = list(loaded.items)
     return loaded, split_items(items, seed=options.seed, proportions=options.proportions, max_samples=options.max_samples)
+
+
+def _data_provenance(loaded: Optional[LoadedItems]) -> dict:
+    """Return where the items came from, so that `pas-peft eval --adapter DIR` can score the same data again."""
+    provenance = {}
+    if loaded is not None and loaded.source is not None:
+        provenance["dataset_source"] = loaded.source
+    if loaded is not None and loaded.target_behavior is not None:
+        provenance["target_behavior"] = loaded.target_behavior
+    return provenance
 
 
 def _encode_splits(encoder: ItemEncoder, splits: DatasetSplits, max_positions: Optional[int]):

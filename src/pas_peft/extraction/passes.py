@@ -33,7 +33,7 @@ class SweepConfig:
 
 @dataclass
 class SplitEvaluation:
-    """What one pass over a split produced."""
+    """Results of one pass over a split."""
 
     labels: torch.Tensor  # (items,)
     predictions: torch.Tensor  # (items,) unsteered answers

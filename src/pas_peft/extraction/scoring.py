@@ -190,7 +190,7 @@ def predict_from_logits(encoded: EncodedItem, logits: Sequence[torch.Tensor]) ->
     """
     Return the predicted choice index and the per-choice scores of one item.
 
-    `logits[row]` holds the logits of continuation `row` at `encoded.scored_positions(row)`, in order. Ties go
+    `logits[row]` contains the logits of continuation `row` at `encoded.scored_positions(row)`, in order. Ties go
     to the lowest choice index.
     """
     if encoded.letter_token_ids is not None:
