@@ -533,3 +533,29 @@ def test_unload_then_new_adapter(unloaded):
     model.set_steering_vectors({2: VB})
 
     torch.testing.assert_close(logits_of(model), reference_logits({2: 2.0 * VB}))
+
+
+def test_steering_under_device_map_dispatch(tmp_path):
+    # Disk offload of one layer makes accelerate wrap forward methods with its hooks, as GPU splits do.
+    import transformers
+
+    plain = make_model("llama")
+    plain.save_pretrained(tmp_path / "model")
+    device_map = {
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+        "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+    }
+    dispatched = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    vector = make_vector()
+    input_ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad(), reference_steering(plain.model.layers[1], 2.0 * vector):
+        expected = plain(input_ids=input_ids).logits
+
+    model = get_peft_model(dispatched, pas_peft.PASConfig(layers=[1], strength=2.0))
+    model.set_steering_vectors({1: vector})
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)

@@ -136,3 +136,28 @@ def test_batch_size_does_not_change_predictions():
 
     assert torch.equal(one_row.config_predictions, many_rows.config_predictions)
     assert torch.equal(one_row.predictions, many_rows.predictions)
+
+
+def test_sweep_under_device_map_dispatch(tmp_path):
+    # Offloading one decoder layer to disk makes accelerate wrap the layers' forward methods with its hooks,
+    # as a device_map split across GPUs does; the sweep must keep and restore those wrappers.
+    plain = tiny_model("llama")
+    plain.save_pretrained(tmp_path / "model")
+    device_map = {
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+        "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+    }
+    dispatched = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    wrapped_forward = dispatched.model.layers[1].__dict__.get("forward")
+    encoded = likelihood_items(4, torch.Generator().manual_seed(7))
+    configs, vectors = sweep_grid()
+
+    expected = evaluate_split(BatchRunner(plain), encoded, configs=configs, vectors=vectors, budget_bytes=2**30)
+    result = evaluate_split(BatchRunner(dispatched), encoded, configs=configs, vectors=vectors, budget_bytes=2**30)
+
+    assert wrapped_forward is not None
+    assert dispatched.model.layers[1].__dict__.get("forward") is wrapped_forward
+    assert torch.equal(result.predictions, expected.predictions)
+    assert torch.equal(result.config_predictions, expected.config_predictions)

@@ -143,6 +143,8 @@ class PASModel(BaseTuner):
                 "another adapter of this model steers a different activation there. Put adapters that steer "
                 "different activations on separate models."
             )
+        # The decoder layer may have moved (model.to(...)) since the first adapter was added.
+        steering._device = _device_of(target)
         steering.update_layer(adapter_name, peft_config, inference_mode=peft_config.inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
