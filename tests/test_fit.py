@@ -621,7 +621,7 @@ def test_warns_when_nothing_improves(tokenizer, caplog):
     items = make_items(20, seed=11)
     plain = fit_items(tokenizer, relabel(items, [0] * len(items)), strengths=[0.0])
 
-    with caplog.at_level("WARNING", logger="pas_peft.extraction.fit"):
+    with caplog.at_level("WARNING", logger="pas_peft.extraction.selection"):
         result = fit_items(tokenizer, relabel(items, [0] * len(items)), strengths=[0.0])
 
     assert result.report["chosen"]["improves_validation"] is False

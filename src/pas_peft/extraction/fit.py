@@ -26,9 +26,10 @@ from .engine import BatchRunner
 from .methods import METHODS, contrast_set, missing_requirement
 from .outputs import write_heatmap, write_report, write_sweep_csv
 from .passes import SplitEvaluation, SweepConfig, evaluate_split, read_last_token_activations
+from .report import build_report
 from .scoring import SCORING_MODES, EncodedItem, ItemEncoder
-from .selection import PAPER_STRENGTHS, default_candidate_layers, select_best, sweep_rows
-from .stats import accuracy, compare_paired
+from .selection import PAPER_STRENGTHS, choose_configuration, default_candidate_layers, sweep_rows
+from .stats import accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -155,15 +156,7 @@ def fit_pas(
     train = fit.train(encoded["train"])
     vectors, skipped = fit.build_vectors(train)
     validation, rows = fit.validation(encoded["validation"], vectors)
-    best_by_method = {method: select_best(rows, method) for method in vectors}
-    best = select_best([best_by_method[method] for method in vectors])
-    baseline_validation = accuracy(validation.correct).value
-    if best["validation_accuracy"] <= baseline_validation:
-        logger.warning(
-            "No configuration beat the unsteered validation accuracy (%.3f); the best one (%s, layer %d, strength "
-            "%g) reaches %.3f. The adapter is still written, and the report records improves_validation=false.",
-            baseline_validation, best["method"], best["layer"], best["strength"], best["validation_accuracy"],
-        )
+    best, best_by_method = choose_configuration(rows, list(vectors), accuracy(validation.correct).value)
     test = fit.test(encoded["test"], vectors, best_by_method)
 
     config = fitted_config(
@@ -172,9 +165,21 @@ def fit_pas(
     config.fit_summary.update(_data_provenance(loaded))
     previous_active = list(model.active_adapters) if isinstance(model, PeftModel) else None
     peft_model = attach_fitted_adapter(model, config, {best["layer"]: vectors[best["method"]][best["layer"]]}, adapter_name)
-    report = _build_report(
-        name, loaded, options, dataset_splits, dropped, layers, train, validation, test, rows, best, best_by_method,
-        skipped, vectors, timer, group,
+    report = build_report(
+        dataset_name=name,
+        loaded=loaded,
+        settings={**asdict(options), "candidate_layers": layers},
+        split_sizes=dataset_splits.sizes(),
+        dropped=dropped,
+        train=train,
+        validation=validation,
+        test=test,
+        best=best,
+        best_by_method=best_by_method,
+        skipped=skipped,
+        vectors=vectors,
+        wall_time_seconds=dict(timer.seconds),
+        processes=group.world_size,
     )
     result = FitResult(peft_model, report, rows, vectors=vectors)
 
@@ -428,62 +433,7 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
         )
 
 
-# -- report and files --------------------------------------------------------------------------------------
-
-
-def _build_report(
-    name, loaded, options, splits, dropped, layers, train, validation, test, rows, best, best_by_method, skipped,
-    vectors, timer, group,
-) -> dict:
-    from .. import __version__
-    import peft
-    import transformers
-
-    test_by_method = {}
-    for index, config in enumerate(test.configs):
-        steered = test.config_predictions[:, index] == test.labels
-        test_by_method[config.method] = {
-            "layer": config.layer,
-            "strength": config.strength,
-            "validation_accuracy": best_by_method[config.method]["validation_accuracy"],
-            **compare_paired(test.correct, steered).to_dict(),
-        }
-    return {
-        "dataset": {
-            "name": name,
-            "schema": loaded.schema if loaded is not None else "items",
-            "target_behavior": loaded.target_behavior if loaded is not None else None,
-            "split_sizes": splits.sizes(),
-            "dropped_too_long": dropped,
-        },
-        "settings": {**asdict(options), "candidate_layers": layers},
-        "chosen": {
-            "method": best["method"],
-            "layer": best["layer"],
-            "strength": best["strength"],
-            "validation_accuracy": best["validation_accuracy"],
-            "improves_validation": best["validation_accuracy"] > accuracy(validation.correct).value,
-        },
-        "train": {"accuracy": train["accuracy"].to_dict(), "letter_shares": train["letter_shares"]},
-        "validation": {"baseline": accuracy(validation.correct).to_dict(), "best_by_method": best_by_method},
-        "test": {"by_method": test_by_method, "chosen": test_by_method[best["method"]]},
-        "skipped_methods": skipped,
-        "vector_norms": {
-            method: {str(layer): float(vector.norm()) for layer, vector in by_layer.items()}
-            for method, by_layer in vectors.items()
-        },
-        "activation_norms": {
-            str(layer): float(tensor.norm(dim=-1).mean()) for layer, tensor in train["activations"].prompt.items()
-        },
-        "wall_time_seconds": dict(timer.seconds),
-        "processes": group.world_size,
-        "versions": {
-            "pas_peft": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
-    }
+# -- files ------------------------------------------------------------------------------------------------
 
 
 def _write_outputs(path: Path, overwrite, config, vectors, best, report, rows, validation) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional, Sequence
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from .passes import SweepConfig
+
+logger = logging.getLogger(__name__)
 
 # The strengths of the PAS reference grid. They are raw multipliers of the mean-difference vector.
 PAPER_STRENGTHS = (0.25, 0.5, 1.0, 4.0, 7.0, 10.0, 13.0, 16.0, 19.0, 22.0, 25.0, 32.0)
@@ -26,7 +29,7 @@ def default_candidate_layers(num_layers: int, count: int = DEFAULT_LAYER_COUNT) 
 def sweep_rows(
     configs: Sequence[SweepConfig], config_predictions: torch.Tensor, labels: torch.Tensor
 ) -> list[dict]:
-    """One row per configuration with its validation accuracy."""
+    """Return one row per configuration with its validation accuracy."""
     correct = (config_predictions == labels[:, None]).sum(dim=0)
     total = int(labels.numel())
     return [
@@ -54,3 +57,21 @@ def select_best(rows: Sequence[dict], method: Optional[str] = None) -> dict:
         raise ValueError(f"No sweep results for method {method!r}.")
     _, best = min(candidates, key=lambda pair: (-pair[1]["validation_correct"], pair[1]["strength"], pair[1]["layer"], pair[0]))
     return best
+
+
+def choose_configuration(rows: Sequence[dict], methods: Sequence[str], baseline_accuracy: float) -> tuple[dict, dict]:
+    """
+    Return the overall best row and the best row of each method.
+
+    Logs a warning when even the best row does not beat the unsteered validation accuracy; the caller still
+    gets it, and the report records `improves_validation: false`.
+    """
+    best_by_method = {method: select_best(rows, method) for method in methods}
+    best = select_best([best_by_method[method] for method in methods])
+    if best["validation_accuracy"] <= baseline_accuracy:
+        logger.warning(
+            "No configuration beat the unsteered validation accuracy (%.3f); the best one (%s, layer %d, strength "
+            "%g) reaches %.3f. The adapter is still written, and the report records improves_validation=false.",
+            baseline_accuracy, best["method"], best["layer"], best["strength"], best["validation_accuracy"],
+        )
+    return best, best_by_method
