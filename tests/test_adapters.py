@@ -559,3 +559,10 @@ def test_steering_under_device_map_dispatch(tmp_path):
         logits = model(input_ids=input_ids).logits
 
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_set_vectors_rejects_out_of_range_layer():
+    model = get_peft_model(make_model("llama"), pas_peft.PASConfig(layers=[1]))
+
+    with pytest.raises(ValueError, match="out of range"):
+        model.set_steering_vectors({4: make_vector()})

@@ -105,8 +105,21 @@ def test_fit_records_data_source(workspace):
     assert Path(config["fit_summary"]["dataset_source"]) == workspace["data"]
 
 
-def test_eval_defaults_to_fitted_data(workspace):
+def test_eval_defaults_to_fitted_test_split(workspace):
     code, stdout, stderr = run_cli(["eval", "--adapter", workspace["output"], "--json", "-q"])
+    report = json.loads((workspace["output"] / "pas_report.json").read_text())
+    chosen = report["test"]["chosen"]
+
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["split"] == "test"
+    assert result["items"] == report["dataset"]["split_sizes"]["test"]
+    assert result["baseline"] == chosen["baseline"]
+    assert result["steered"] == chosen["steered"]
+
+
+def test_eval_all_items_of_fitted_data(workspace):
+    code, stdout, stderr = run_cli(["eval", "--adapter", workspace["output"], "--split", "all", "--json", "-q"])
 
     assert code == 0, stderr
     assert json.loads(stdout)["items"] == 40
@@ -140,7 +153,7 @@ def test_eval_prints_accuracies(workspace):
     code, stdout, stderr = run_cli(["eval", "--adapter", workspace["output"], "--data", workspace["data"], "-q"])
 
     assert code == 0, stderr
-    assert "40 items" in stdout
+    assert "(test items): 6 items" in stdout
     assert "unsteered" in stdout
     assert "steered " in stdout
 

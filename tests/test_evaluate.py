@@ -124,3 +124,18 @@ def test_evaluation_leaves_steering_on(fitted, tokenizer):
     with torch.no_grad():
         after = result.model(input_ids=input_ids).logits
     assert torch.equal(after, before)
+
+
+def test_scoring_must_match_positions(fitted, tokenizer):
+    scoring, result, test_file, _ = fitted
+    other = "letter" if scoring == "likelihood" else "likelihood"
+
+    with pytest.raises(ValueError, match="positions"):
+        evaluate_adapter(result.model, tokenizer, str(test_file), scoring=other)
+
+
+def test_other_data_cannot_use_test_split(fitted, tokenizer):
+    _, result, test_file, _ = fitted
+
+    with pytest.raises(ValueError, match="fitted on"):
+        evaluate_adapter(result.model, tokenizer, str(test_file), split="test")

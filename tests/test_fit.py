@@ -627,3 +627,41 @@ def test_warns_when_nothing_improves(tokenizer, caplog):
     assert result.report["chosen"]["improves_validation"] is False
     assert plain.report["chosen"]["strength"] == 0.0
     assert any("No configuration beat the unsteered validation accuracy" in record.message for record in caplog.records)
+
+
+@pytest.mark.parametrize("settings", [
+    {"vector_source": "Input"},
+    {"activation": "mlp_output", "vector_source": "input"},
+    {"activation": "attention"},
+])
+def test_invalid_settings_fail_before_work(tokenizer, alternating_items, settings, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("no model work should start")
+
+    monkeypatch.setattr("pas_peft.extraction.fit.BatchRunner", forbidden)
+    with pytest.raises(ValueError):
+        fit_items(tokenizer, alternating_items, **settings)
+
+
+def test_fit_on_pas_model_records_base(tokenizer, alternating_items, tmp_path):
+    first = fit_items(tokenizer, alternating_items)
+    first.model.get_base_model().name_or_path = str(tmp_path / "base")
+
+    second = fit_pas(first.model, tokenizer, alternating_items, adapter_name="second", layers=LAYERS,
+                     strengths=STRENGTHS, show_progress=False, output_dir=tmp_path / "second")
+
+    saved = json.loads((tmp_path / "second" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base")
+    assert second.model.peft_config["second"].base_model_name_or_path == str(tmp_path / "base")
+
+
+def test_tie_prefers_weakest_strength():
+    from pas_peft.extraction.selection import select_best
+
+    rows = [
+        {"method": "pasf", "layer": 1, "strength": -4.0, "validation_correct": 5},
+        {"method": "pasf", "layer": 1, "strength": 2.0, "validation_correct": 5},
+        {"method": "pasf", "layer": 1, "strength": 8.0, "validation_correct": 4},
+    ]
+
+    assert select_best(rows)["strength"] == 2.0

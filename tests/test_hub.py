@@ -349,3 +349,13 @@ def test_loading_by_directory_matches_peft_loader(tmp_path):
 
     torch.testing.assert_close(via_pas, expected, rtol=0, atol=0)
     torch.testing.assert_close(via_peft, expected, rtol=0, atol=0)
+
+
+def test_refit_scores_replace_old_card(tmp_path):
+    model = steered_model(fit_summary={"test_accuracy": 0.4})
+    model.save_pretrained(tmp_path)
+    model.peft_config["default"].fit_summary = {"test_accuracy": 0.9}
+
+    model.save_pretrained(tmp_path)
+
+    assert front_matter(tmp_path / "README.md")["pas"]["scores"]["test_accuracy"] == 0.9

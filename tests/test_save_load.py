@@ -428,6 +428,32 @@ def test_mismatched_key_raises_pas(renamed_key_adapter):
         pas_peft.from_pretrained(make_model("llama"), renamed_key_adapter)
 
 
+def test_mismatched_key_leaves_model_clean(renamed_key_adapter):
+    model = make_model("llama")
+    keys = set(model.state_dict())
+
+    with pytest.raises(ValueError, match="does not match"):
+        pas_peft.from_pretrained(model, renamed_key_adapter)
+
+    assert set(model.state_dict()) == keys
+    assert not hasattr(model, "peft_config")
+    assert "generate" not in model.__dict__
+
+
+def test_peft_loader_failure_cleaned_by_ours(saved, tmp_path):
+    # PEFT injects modules before reading weights; pas_peft's loader removes them again on any failure.
+    directory = copy_adapter(saved["adapter_dir"], tmp_path / "truncated")
+    (directory / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    model = make_model("llama")
+    keys = set(model.state_dict())
+
+    with pytest.raises(Exception):
+        pas_peft.from_pretrained(model, directory)
+
+    assert set(model.state_dict()) == keys
+    assert not hasattr(model, "peft_config")
+
+
 def test_mismatched_key_raises_vectors(renamed_key_adapter):
     with pytest.raises(ValueError, match="does not match"):
         pas_peft.SteeringVectors.from_pretrained(renamed_key_adapter)

@@ -62,16 +62,19 @@ def _add_fit(commands) -> None:
     fit.add_argument("--output-dir", type=Path, default=None, help="directory for the adapter and report (default: runs/<dataset>-<scoring>)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     fit.add_argument("--scoring", choices=("likelihood", "likelihood_norm", "letter"), default="likelihood",
-                     help="how the model's answer is read: answer-text log-likelihood (summed or per character) or the next-token letter (default: likelihood)")
+                     help="how the model's answer is read: answer-text log-likelihood (summed, or per UTF-8 byte with likelihood_norm) or the next-token letter (default: likelihood)")
     fit.add_argument("--methods", nargs="+", choices=("pasf", "ipas_all", "ipas_wrong_only"), default=None,
                      help="PAS methods to fit and compare (default: all three)")
     fit.add_argument("--layers", type=int, nargs="+", default=None,
-                     help="candidate decoder layers for the sweep (default: 10 layers spread over 20-80%% of the depth)")
+                     help="candidate decoder layers for the sweep (default: 10 layers spread over 20-80%% of the depth; "
+                          "5 in the quick run without --model and --data)")
     fit.add_argument("--strengths", type=float, nargs="+", default=None,
-                     help="candidate strengths, raw multipliers of the vector (default: 0.25 0.5 1 4 7 10 13 16 19 22 25 32)")
+                     help="candidate strengths, raw multipliers of the vector (default: 0.25 0.5 1 4 7 10 13 16 19 22 25 32; "
+                          "0.5 1 2 4 8 in the quick run)")
     fit.add_argument("--proportions", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("TRAIN", "VALIDATION", "TEST"),
                      help="split fractions (default: 0.6 0.2 0.2)")
-    fit.add_argument("--max-samples", type=int, default=None, help="use at most this many items in total")
+    fit.add_argument("--max-samples", type=int, default=None,
+                     help="use at most this many items in total (default: all; 150 in the quick run)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the split and of the choice shuffle (default: 0)")
     fit.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: sized from a memory budget)")
     fit.add_argument("--vector-source", choices=("output", "input"), default="output",
@@ -194,6 +197,8 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--strength", type=float, default=None, help="override the adapter's strength")
     evaluate.add_argument("--scoring", choices=("likelihood", "likelihood_norm", "letter"), default=None,
                           help="override the scoring mode the adapter was fitted with")
+    evaluate.add_argument("--split", choices=("test", "all"), default=None,
+                          help="on the dataset the adapter was fitted on: its test split (the default there) or every item")
     evaluate.add_argument("--max-samples", type=int, default=None, help="score at most this many items")
     evaluate.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -205,15 +210,14 @@ def _run_eval(args) -> int:
     from .extraction.evaluate import evaluate_adapter
 
     model, tokenizer = AutoPASModelForCausalLM.from_pretrained(args.adapter)
-    summary = model.peft_config[model.active_adapter].fit_summary or {}
-    data = args.data or summary.get("dataset_source") or DEFAULT_DATASET
     result = evaluate_adapter(
         model,
         tokenizer,
-        data,
+        args.data,
         strength=args.strength,
         scoring=args.scoring,
         use_chat_template=args.chat_template or None,
+        split=args.split,
         max_samples=args.max_samples,
         schema=args.schema,
         columns=_column_mapping(args),
@@ -224,8 +228,8 @@ def _run_eval(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['dataset']}: {result['items']} items, layer {result['layer']}, strength {result['strength']:g}, "
-          f"scoring {result['scoring']}")
+    print(f"{result['dataset']} ({result['split']} items): {result['items']} items, layer {result['layer']}, "
+          f"strength {result['strength']:g}, scoring {result['scoring']}")
     print(f"  unsteered {_interval(result['baseline'])}")
     print(f"  steered   {_interval(result['steered'])}")
     print(f"  {result['wrong_to_right']} wrong to right, {result['right_to_wrong']} right to wrong, "
@@ -248,7 +252,8 @@ def _add_generate(commands) -> None:
     generate.add_argument("--positions", choices=("all", "last_prompt", "generated"), default=None,
                           help="override which tokens are steered")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    generate.add_argument("--no-chat-template", action="store_true", help="send the prompt as plain text")
+    generate.add_argument("--no-chat-template", action="store_true",
+                          help="send the prompt as plain text (fits use plain 'Question: ...\\nAnswer:' prompts unless fitted with --chat-template)")
     generate.add_argument("--compare", action="store_true", help="also print the unsteered answer")
     generate.set_defaults(handler=_run_generate)
 
@@ -287,11 +292,13 @@ def _set_positions(model, positions: str) -> None:
 def _generate(model, tokenizer, prompt: str, args) -> str:
     import torch
 
-    if args.no_chat_template or not getattr(tokenizer, "chat_template", None):
+    plain = args.no_chat_template or not getattr(tokenizer, "chat_template", None)
+    if plain:
         text = prompt
     else:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=args.no_chat_template)
+    # The chat template writes its own special tokens; a plain prompt gets the tokenizer's (such as BOS).
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=plain)
     device = model.get_base_model().get_input_embeddings().weight.device
     with torch.no_grad():
         output = model.generate(

@@ -79,11 +79,12 @@ def write_model_card(
     path = directory / CARD_FILE
     card = ModelCard.load(path) if path.is_file() else ModelCard("---\n---\n")
 
-    # A dataset or scores passed to an earlier call stay on the card unless new values replace them.
+    # A dataset or scores from an earlier call stay on the card unless new values replace them: the config's
+    # fit_summary replaces earlier scores, and explicit `scores` replace both.
     previous = card.data.get("pas") or {}
     if dataset is None and not _dataset_of(config.fit_summary or {}):
         dataset = previous.get("dataset")
-    scores = {**(previous.get("scores") or {}), **(scores or {})}
+    scores = {**(previous.get("scores") or {}), **_scores_of(config.fit_summary or {}), **(scores or {})}
 
     metadata = card_metadata(config, base_model=base_model, dataset=dataset, scores=scores)
     _update_card_data(card, metadata)

@@ -137,6 +137,13 @@ def atomic_directory(target: Union[str, os.PathLike], overwrite: bool = False) -
     if target.exists():
         backup = target.parent / f".{target.name}.{os.getpid()}.old"
         os.replace(target, backup)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        # Put the old directory back, so a failed swap loses nothing.
+        if backup is not None:
+            os.replace(backup, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

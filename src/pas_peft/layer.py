@@ -95,7 +95,10 @@ class PASLayer(nn.Module, BaseTunerLayer):
         for name in ("hidden_states", "x", "input"):
             if isinstance(kwargs.get(name), torch.Tensor):
                 return args, {**kwargs, name: self.add_vectors(kwargs[name])}
-        raise TypeError(f"PAS cannot find the input hidden states of {type(module).__name__} to steer.")
+        raise TypeError(
+            f"PAS cannot find the input hidden states of {type(module).__name__} to steer; use activation='residual' "
+            "or another activation for this model."
+        )
 
     def add_vectors(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Return `hidden_states` plus `strength * vector` of every active adapter at its positions."""

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .config import PASConfig
-from .io import check_safetensors_adapter
-from .model import GGUF_FILE_ATTRIBUTE
+from .io import check_safetensors_adapter, read_adapter_directory
+from .model import GGUF_FILE_ATTRIBUTE, remove_steering
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,21 @@ def from_pretrained(
     config = PeftConfig.from_pretrained(str(adapter), **_hub_kwargs(kwargs))
     if not isinstance(config, PASConfig):
         raise ValueError(f"{adapter} contains a {config.peft_type} adapter, not a PAS adapter; load it with peft directly.")
-    return PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    if Path(adapter).is_dir():
+        # A weights file that does not match its config is rejected before PEFT injects any module.
+        read_adapter_directory(adapter)
+
+    had_config = hasattr(model, "peft_config")
+    try:
+        return PeftModel.from_pretrained(
+            model, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
+        )
+    except Exception:
+        # PEFT injects the steering modules before it reads the weights; take them out again.
+        if not had_config:
+            remove_steering(model)
+            model.__dict__.pop("peft_config", None)
+        raise
 
 
 def load_adapter(peft_model, adapter: Union[str, os.PathLike], adapter_name: str, **kwargs: Any):
@@ -131,7 +145,7 @@ class AutoPASModelForCausalLM:
 
         ```py
         >>> from pas_peft import AutoPASModelForCausalLM
-        >>> model, tokenizer = AutoPASModelForCausalLM.from_pretrained("runs/bbq_age/adapter")
+        >>> model, tokenizer = AutoPASModelForCausalLM.from_pretrained("runs/bbq_age")
         ```
     """
 

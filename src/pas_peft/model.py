@@ -262,7 +262,8 @@ class PASModel(BaseTuner):
         """
         name = self._adapter_names(adapter_name)[0]
         layers = {layer.layer_index: layer for layer in _steering_layers(self.model) if name in layer.pas_vector}
-        provided = {int(index) % self.peft_config[name].num_hidden_layers: value for index, value in vectors.items()}
+        indices = resolve_layer_indices([int(index) for index in vectors], self.peft_config[name].num_hidden_layers)
+        provided = dict(zip(indices, vectors.values()))
         if set(provided) != set(layers):
             raise ValueError(
                 f"Adapter {name!r} steers layers {sorted(layers)}, but vectors were given for layers {sorted(provided)}."

@@ -165,7 +165,7 @@ class PromptPositions:
         elif mode == "generated":
             mask = positions >= last_prompt
         else:
-            raise ValueError(f"Unknown positions mode {mode!r}.")
+            raise ValueError(f"Unknown positions mode {mode!r}: use 'all', 'last_prompt' or 'generated'.")
         return mask.expand(hidden_states.shape[0], -1) if mask.dim() == 1 else mask
 
     def _matching_call(self, hidden_states: torch.Tensor) -> ForwardCall:

@@ -127,7 +127,7 @@ def load_items(
         )
     choices_override = _checked_binary_choices(binary_choices)
 
-    source = _source_of(data)
+    source = source_of(data)
     if isinstance(data, str) and not Path(data).exists() and data in BUNDLED_DATASETS:
         info = bundled_dataset(data)
         if target_behavior is None and info.target_behavior is not None:
@@ -172,7 +172,8 @@ def load_items(
     )
 
 
-def _source_of(data: Any) -> Optional[str]:
+def source_of(data: Any) -> Optional[str]:
+    """Return the bundled dataset name or the absolute file path `data` names, or None for in-memory data."""
     if isinstance(data, str) and not Path(data).exists() and data in BUNDLED_DATASETS:
         return data
     if isinstance(data, (str, Path)):

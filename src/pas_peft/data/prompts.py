@@ -23,8 +23,9 @@ Three formats:
 
 - Likelihood prompts (`format_likelihood_prompt`, lm-evaluation-harness style): a context
   ``"Question: <question>\\nAnswer:"`` without letters, and one continuation per choice, ``" " + choice``.
-  Score each choice by the sum (or the per-token mean) of its continuation's token log-probabilities;
-  `split_continuation_tokens` finds where the continuation's tokens start.
+  Each choice is scored by the sum of its continuation's token log-probabilities (divided by the
+  continuation's length in UTF-8 bytes for `likelihood_norm`). `split_continuation_tokens` finds where the
+  continuation's tokens start.
 """
 
 from __future__ import annotations

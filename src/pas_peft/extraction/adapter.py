@@ -61,8 +61,11 @@ def attach_fitted_adapter(model, config: PASConfig, vectors: dict[int, torch.Ten
             return attach_pas(model, config, adapter_name=adapter_name, vectors=vectors)
         if adapter_name in model.peft_config:
             raise ValueError(
-                f"The model already has an adapter named {adapter_name!r}; pass another adapter_name."
+                f"The model already has an adapter named {adapter_name!r} (adapters: {sorted(model.peft_config)}); "
+                "pass another adapter_name."
             )
+        # get_peft_model records the base model; add_adapter does not, and eval / generate need it.
+        config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None)
         model.add_adapter(adapter_name, config)
         model.set_adapter(adapter_name)
         peft_model = model

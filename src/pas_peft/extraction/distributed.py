@@ -32,12 +32,18 @@ class ProcessGroup:
         Return this process's group: the initialised torch.distributed group, or a single process.
 
         A process started by a launcher (torchrun, `accelerate launch`) that has not initialised
-        torch.distributed yet gets a default group here: gloo on CPU, nccl on CUDA.
+        torch.distributed yet gets a default group here: gloo for CPU tensors, plus nccl for CUDA tensors
+        on machines with GPUs, where each process also selects the GPU of its `LOCAL_RANK`.
         """
         if not dist.is_available():
             return cls()
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():
+                # NOTE: not run here (no GPU on the development machine).
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+            else:
+                dist.init_process_group(backend="gloo")
         if dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -55,9 +61,9 @@ class ProcessGroup:
         """Return the element-wise sum of `tensor` over all processes."""
         if self.world_size == 1:
             return tensor
-        summed = tensor.detach().clone().cpu()
+        summed = tensor.detach().clone().to(_collective_device())
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed
+        return summed.cpu()
 
     def gather_rows(self, indices: Sequence[int], rows: torch.Tensor, total: int) -> torch.Tensor:
         """Put each process's rows (one per local item) back at their original indices of a split of `total` items."""
@@ -71,6 +77,21 @@ class ProcessGroup:
                 result[torch.tensor(shard_indices)] = shard_rows
         return result
 
+    def raise_if_any_failed(self, failed: bool, what: str) -> None:
+        """Raise on every process when `failed` is true on any of them, so no process waits for a dead one."""
+        if self.world_size == 1:
+            return
+        if int(self.all_sum(torch.tensor([int(failed)]))[0]) and not failed:
+            raise RuntimeError(f"Another process failed while {what}; see its error above.")
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    """Return the device tensors must be on for the default group's collectives (CUDA for a NCCL-only group)."""
+    backend = str(dist.get_backend())
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -194,7 +194,7 @@ class BatchRunner:
 
         if point.kind == "layer_input":
             handle = decoder_layer.register_forward_pre_hook(
-                lambda module, args, kwargs: save(_first_tensor(args, kwargs)), with_kwargs=True
+                lambda module, args, kwargs: save(_first_tensor(module, args, kwargs)), with_kwargs=True
             )
         else:
             steering_point = self.steering_module(point.layer)
@@ -204,7 +204,7 @@ class BatchRunner:
                 )
             else:
                 handle = steering_point.module.register_forward_pre_hook(
-                    lambda module, args, kwargs: save(_first_tensor(args, kwargs)), with_kwargs=True
+                    lambda module, args, kwargs: save(_first_tensor(module, args, kwargs)), with_kwargs=True
                 )
         try:
             yield
@@ -281,7 +281,8 @@ class BatchRunner:
 
         def gather(module, args):
             hidden = args[0]
-            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions)[None],) + tuple(args[1:])
+            positions = flat_positions.to(hidden.device)
+            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)[None],) + tuple(args[1:])
 
         handle = output_embeddings.register_forward_pre_hook(gather)
         try:
@@ -333,7 +334,9 @@ def _select_cache_rows(cache, rows: torch.Tensor, first_layer: int = 0):
     for index, layer in enumerate(cache.layers):
         layer = copy.copy(layer)
         if index >= first_layer:
-            layer.batch_select_indices(rows)
+            # With a device_map split, each cache layer lives on its decoder layer's device.
+            keys = getattr(layer, "keys", None)
+            layer.batch_select_indices(rows.to(keys.device) if isinstance(keys, torch.Tensor) else rows)
         selected.layers.append(layer)
     return selected
 
@@ -342,10 +345,12 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+def _first_tensor(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     for name in ("hidden_states", "x", "input"):
         if isinstance(kwargs.get(name), torch.Tensor):
             return kwargs[name]
-    raise TypeError("Could not find the hidden states among the module's inputs.")
+    raise TypeError(
+        f"Could not find the hidden states among the inputs of {type(module).__name__}; use activation='residual'."
+    )

@@ -16,6 +16,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from ..api import find_pas_tuner
+from ..config import PASConfig
 from ..data import DatasetSplits, LoadedItems, MultipleChoiceItem, load_items, split_items, splits_from_mapping
 from ..io import atomic_directory
 from .adapter import adapter_config_of, attach_fitted_adapter, detach_fitted_adapter, fitted_config
@@ -71,6 +72,8 @@ class FitSettings:
                 raise ValueError("`layers` is empty: pass candidate layer indices or leave it unset for the default spread.")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"Invalid batch_size {self.batch_size}: pass a positive number of rows.")
+        # The adapter's own checks (activation, vector_source and their combination) run now, not after the sweep.
+        PASConfig(layers=[0], activation=self.activation, vector_source=self.vector_source)
 
 
 @dataclass
@@ -162,9 +165,7 @@ def fit_pas(
     config = fitted_config(
         options, best, name, runner.stack.path, method_rows=best_by_method, validation=validation, test=test
     )
-    config.fit_summary.update(_data_provenance(loaded))
-    previous_active = list(model.active_adapters) if isinstance(model, PeftModel) else None
-    peft_model = attach_fitted_adapter(model, config, {best["layer"]: vectors[best["method"]][best["layer"]]}, adapter_name)
+    config.fit_summary.update(_data_provenance(loaded, options))
     report = build_report(
         dataset_name=name,
         loaded=loaded,
@@ -180,20 +181,26 @@ def fit_pas(
         vectors=vectors,
         wall_time_seconds=dict(timer.seconds),
         processes=group.world_size,
+        activation_norms=fit.activation_norms(train),
     )
-    result = FitResult(peft_model, report, rows, vectors=vectors)
 
-    if output_dir is not None and group.is_main:
-        saved_config = adapter_config_of(peft_model, adapter_name, config)
-        try:
+    previous_active = list(model.active_adapters) if isinstance(model, PeftModel) else None
+    peft_model = attach_fitted_adapter(model, config, {best["layer"]: vectors[best["method"]][best["layer"]]}, adapter_name)
+    result = FitResult(peft_model, report, rows, vectors=vectors)
+    failed = False
+    try:
+        if output_dir is not None and group.is_main:
+            saved_config = adapter_config_of(peft_model, adapter_name, config)
             result.output_dir = _write_outputs(
                 Path(output_dir), overwrite, saved_config, vectors, best, report, rows, validation
             )
-        except BaseException:
-            # A failed fit gives the caller's model back as it was, as every earlier error does.
-            detach_fitted_adapter(model, peft_model, adapter_name, previous_active)
-            raise
-    group.barrier()
+    except BaseException:
+        # A failed fit gives the caller's model back as it was, as every earlier error does.
+        failed = True
+        detach_fitted_adapter(model, peft_model, adapter_name, previous_active)
+        raise
+    finally:
+        group.raise_if_any_failed(failed, "writing the fit's outputs")
     return result
 
 
@@ -211,6 +218,12 @@ class _Fit:
         self.timer = timer
 
     def train(self, encoded: list[EncodedItem]) -> dict:
+        """Answer the training items and read their activations; `local_*` entries cover this process's shard."""
+        if len(encoded) < self.group.world_size:
+            raise ValueError(
+                f"The training split has {len(encoded)} items but {self.group.world_size} processes share it; "
+                "every process needs at least one item. Use more items or fewer processes."
+            )
         indices, shard = self.group.shard(encoded)
         with self.timer.stage("train"), self._progress("train: read activations", len(shard)) as advance:
             evaluation = self._evaluate(shard, vector_layers=self.layers, on_chunk_done=advance)
@@ -225,9 +238,9 @@ class _Fit:
         all_labels = torch.tensor([item.item.label for item in encoded])
         _warn_if_degenerate(encoded, all_predictions, self.options.scoring)
         return {
-            "labels": labels,
-            "predictions": predictions,
-            "activations": activations,
+            "local_labels": labels,
+            "local_predictions": predictions,
+            "local_activations": activations,
             "accuracy": accuracy(all_predictions == all_labels),
             "num_correct": int((all_predictions == all_labels).sum()),
             "num_wrong": int((all_predictions != all_labels).sum()),
@@ -243,8 +256,8 @@ class _Fit:
                                method, reason, train["num_correct"], train["num_correct"] + train["num_wrong"])
                 skipped[method] = reason
                 continue
-            contrast = contrast_set(method, train["labels"], train["predictions"])
-            sums = contrast_sums(contrast, train["activations"], self.layers).reduced(self.group.all_sum)
+            contrast = contrast_set(method, train["local_labels"], train["local_predictions"])
+            sums = contrast_sums(contrast, train["local_activations"], self.layers).reduced(self.group.all_sum)
             vectors[method] = sums.vectors()
         if not vectors:
             raise ValueError(
@@ -252,6 +265,14 @@ class _Fit:
                 "scoring mode (--scoring), or a dataset the model answers partly right and partly wrong."
             )
         return vectors, skipped
+
+    def activation_norms(self, train: dict) -> dict[str, float]:
+        """Return the mean norm of the last-prompt-token activation at each layer, over every process's items."""
+        norms = {}
+        for layer, tensor in train["local_activations"].prompt.items():
+            totals = self.group.all_sum(torch.tensor([float(tensor.norm(dim=-1).sum()), float(tensor.shape[0])]))
+            norms[str(layer)] = float(totals[0] / totals[1])
+        return norms
 
     def validation(self, encoded: list[EncodedItem], vectors) -> tuple[SplitEvaluation, list[dict]]:
         configs = [
@@ -347,10 +368,15 @@ def _load_splits(data, options, schema, columns, target_behavior, binary_choices
     return loaded, split_items(items, seed=options.seed, proportions=options.proportions, max_samples=options.max_samples)
 
 
-def _data_provenance(loaded: Optional[LoadedItems]) -> dict:
-    """Return where the items came from, so that `pas-peft eval --adapter DIR` can score the same data again."""
-    provenance = {}
-    if loaded is not None and loaded.source is not None:
+def _data_provenance(loaded: Optional[LoadedItems], options: FitSettings) -> dict:
+    """Return where the items came from and how they were split, so `pas-peft eval` can rebuild the test split."""
+    provenance = {
+        "seed": options.seed,
+        "proportions": list(options.proportions),
+        "max_samples": options.max_samples,
+        "system_prompt": options.system_prompt,
+    }
+    if loaded is not None and loaded.source is not None and not loaded.splits:
         provenance["dataset_source"] = loaded.source
     if loaded is not None and loaded.target_behavior is not None:
         provenance["target_behavior"] = loaded.target_behavior
@@ -420,7 +446,10 @@ def _warn_if_degenerate(encoded, predictions, scoring: str) -> None:
 def _check_adapter_name(model, adapter_name: str) -> None:
     tuner = find_pas_tuner(model)
     if tuner is not None and adapter_name in tuner.peft_config:
-        raise ValueError(f"The model already has an adapter named {adapter_name!r}; pass another adapter_name.")
+        raise ValueError(
+            f"The model already has an adapter named {adapter_name!r} (adapters: {sorted(tuner.peft_config)}); "
+            "pass another adapter_name."
+        )
 
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:

@@ -165,6 +165,7 @@ def _collect_vector_reads(chunk, chunk_start, baseline: _RowsOutput, read_points
                 continue
             rows = baseline.captured_of(point, local)
             for choice, (tensor, position) in enumerate(zip(rows, last_positions(item))):
+                # Every layer's table gets its rows in the same order, so the row index is recorded once.
                 if point == read_points[0]:
                     answer_rows[(chunk_start + local, choice)] = len(answer_rows)
                 answer_parts[point.layer].append(tensor[position][None])

@@ -27,6 +27,7 @@ def build_report(
     vectors: dict[str, dict[int, torch.Tensor]],
     wall_time_seconds: dict[str, float],
     processes: int,
+    activation_norms: dict[str, float],
 ) -> dict:
     """Assemble the report: data, settings, chosen configuration, per-split accuracies, tests, norms, timing."""
     import peft
@@ -68,9 +69,7 @@ def build_report(
             method: {str(layer): float(vector.norm()) for layer, vector in by_layer.items()}
             for method, by_layer in vectors.items()
         },
-        "activation_norms": {
-            str(layer): float(tensor.norm(dim=-1).mean()) for layer, tensor in train["activations"].prompt.items()
-        },
+        "activation_norms": activation_norms,
         "wall_time_seconds": wall_time_seconds,
         "processes": processes,
         "versions": {

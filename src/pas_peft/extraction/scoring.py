@@ -7,7 +7,7 @@ Two scoring modes:
   valid letter tokens. Prefix: the prompt without its last token. One continuation: the last prompt token.
 - `likelihood` / `likelihood_norm`: the item is a question context without letters; each choice is scored by
   the log-likelihood of its answer text after the context (summed, or divided by the answer's length in
-  characters for `likelihood_norm`), as lm-evaluation-harness scores multiple choice. Prefix: the context
+  UTF-8 bytes for `likelihood_norm`), as lm-evaluation-harness scores multiple choice. Prefix: the context
   without its last token. One continuation per choice: the last context token and the answer tokens.
 
 In both modes steering applies from the last prompt token on, which is the first token of every continuation.
@@ -42,7 +42,7 @@ class EncodedItem:
     choice_of_row: list[int]
     """Choice index each continuation scores (letter mode: -1, the single row scores every letter)."""
     prompt_position: int
-    """Position, inside every continuation, of the last prompt token (where PASf reads)."""
+    """Position of the last prompt token (where PASf reads) inside the first continuation; see `steered_from`."""
     letter_token_ids: Optional[list[int]] = None
     """Letter mode: the token id of each choice (indexed like `item.choices`)."""
     choice_letters: Optional[str] = None

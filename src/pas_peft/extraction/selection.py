@@ -49,13 +49,13 @@ def select_best(rows: Sequence[dict], method: Optional[str] = None) -> dict:
     """
     Return the row with the highest validation accuracy (of `method`, if given).
 
-    Ties go to the smallest strength, then the earliest layer, then the order of `rows`: the weakest
+    Ties go to the smallest absolute strength, then the earliest layer, then the order of `rows`: the weakest
     intervention that reaches the best score.
     """
     candidates = [(index, row) for index, row in enumerate(rows) if method is None or row["method"] == method]
     if not candidates:
         raise ValueError(f"No sweep results for method {method!r}.")
-    _, best = min(candidates, key=lambda pair: (-pair[1]["validation_correct"], pair[1]["strength"], pair[1]["layer"], pair[0]))
+    _, best = min(candidates, key=lambda pair: (-pair[1]["validation_correct"], abs(pair[1]["strength"]), pair[1]["layer"], pair[0]))
     return best
 
 
