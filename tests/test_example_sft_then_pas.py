@@ -77,3 +77,23 @@ def test_score_matches_hand_count(example):
                 logits.append(full[positions])
             correct += predict_from_logits(encoded, logits)[0] == item.label
     assert result["correct"] == correct
+
+
+def test_evaluate_stack_matches_fit_report(example, tmp_path, monkeypatch):
+    from pas_peft.extraction.evaluate import evaluate_adapter
+    from tiny import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = make_tokenizer()
+    items = alternating(make_items(30, seed=4))
+    test_file = write_jsonl(tmp_path / "test.jsonl", items[22:])
+    from pas_peft.data import load_items
+
+    test_items = list(load_items(str(test_file)).items)
+    table = example.run(make_tiny_model(tokenizer), tokenizer, items[:14], items[14:22], test_items,
+                        layers=[1, 2], strengths=[1.0, 4.0], max_steps=2)
+
+    evaluation = evaluate_adapter(table["model"], tokenizer, str(test_file))
+
+    assert evaluation["baseline"] == table["sft"]
+    assert evaluation["steered"] == table["sft_pas"]

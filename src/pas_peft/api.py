@@ -12,7 +12,8 @@ from .model import PASModel
 
 
 def find_pas_tuner(model: nn.Module) -> Optional[PASModel]:
-    """Return the PASModel behind `model` (a PeftModel or a PASModel), or None."""
+    """Return the PASModel behind `model` (a PeftModel, a PASModel or a PASStack), or None."""
+    model = getattr(model, "pas_model", model)
     if isinstance(model, PASModel):
         return model
     tuner = getattr(model, "base_model", None)

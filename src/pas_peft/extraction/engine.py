@@ -74,6 +74,9 @@ class BatchRunner:
     """
 
     def __init__(self, model: nn.Module, activation: str = "residual", layers_module: Optional[str] = None) -> None:
+        if hasattr(model, "pas_model"):
+            # A PASStack: its transformers model carries both the LoRA and the PAS layers.
+            model = model.model
         get_base_model = getattr(model, "get_base_model", None)
         self.model = get_base_model() if get_base_model is not None else model
         self.stack: DecoderStack = find_decoder_stack(self.model, layers_module)

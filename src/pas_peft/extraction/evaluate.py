@@ -53,6 +53,11 @@ def evaluate_adapter(
     use_chat_template = summary.get("use_chat_template", False) if use_chat_template is None else use_chat_template
     strength = config.strength if strength is None else float(strength)
     layer, vector = _single_layer_vector(tuner, name)
+    if summary.get("fitted_on_lora") and not _has_lora(peft_model):
+        logger.warning(
+            "Adapter %r was fitted on a LoRA model, but this model has no LoRA layers; load the LoRA first "
+            "(pas_peft.attach_pas) to score the combination it was fitted for.", name,
+        )
 
     items, loaded, split = _evaluation_items(
         data, summary, split, schema, columns, target_behavior, skip_invalid, max_samples
@@ -158,6 +163,7 @@ def _evaluation_items(data, summary, split, schema, columns, target_behavior, sk
 
 def _encode_within_context(encoder: ItemEncoder, items, model):
     encoded = [encoder.encode(item) for item in items]
+    model = model.model if hasattr(model, "pas_model") else model
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     kept = [item for item in encoded if limit is None or item.num_tokens <= limit]
@@ -166,3 +172,8 @@ def _encode_within_context(encoder: ItemEncoder, items, model):
     if not kept:
         raise ValueError(f"Every item is longer than the model's context of {limit} tokens.")
     return kept, len(encoded) - len(kept)
+
+
+def _has_lora(model) -> bool:
+    model = model.model if hasattr(model, "pas_model") else model
+    return any(type(module).__name__.startswith("Lora") or "lora_A" in dict(module.named_children()) for module in model.modules())

@@ -166,6 +166,9 @@ def fit_pas(
         options, best, name, runner.stack.path, method_rows=best_by_method, validation=validation, test=test
     )
     config.fit_summary.update(_data_provenance(loaded, options))
+    if isinstance(model, PeftModel) and find_pas_tuner(model) is None:
+        # The vector was read from LoRA-adapted activations; evaluation without that LoRA measures something else.
+        config.fit_summary["fitted_on_lora"] = True
     report = build_report(
         dataset_name=name,
         loaded=loaded,
