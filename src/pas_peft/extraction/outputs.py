@@ -42,15 +42,19 @@ def write_heatmap(directory: Path, rows: Sequence[dict], baseline_accuracy: floa
     strengths = sorted({row["strength"] for row in rows})
     figure, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods) + 1, 0.35 * len(layers) + 2), squeeze=False)
     spread = max(max(abs(row["validation_accuracy"] - baseline_accuracy) for row in rows), 1e-6)
+    # Accuracy stays within [0, 1]; the colour scale is centred on the unsteered accuracy inside that range.
+    norm = matplotlib.colors.TwoSlopeNorm(
+        vcenter=baseline_accuracy,
+        vmin=min(max(baseline_accuracy - spread, 0.0), baseline_accuracy - 1e-6),
+        vmax=max(min(baseline_accuracy + spread, 1.0), baseline_accuracy + 1e-6),
+    )
 
     for axis, method in zip(axes[0], methods):
         grid = np.full((len(layers), len(strengths)), np.nan)
         for row in rows:
             if row["method"] == method:
                 grid[layers.index(row["layer"]), strengths.index(row["strength"])] = row["validation_accuracy"]
-        image = axis.imshow(
-            grid, cmap="RdBu", vmin=baseline_accuracy - spread, vmax=baseline_accuracy + spread, aspect="auto"
-        )
+        image = axis.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
         axis.set_title(method)
         axis.set_xticks(range(len(strengths)), [f"{value:g}" for value in strengths], rotation=90)
         axis.set_yticks(range(len(layers)), [str(layer) for layer in layers])
