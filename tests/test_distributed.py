@@ -100,3 +100,24 @@ def test_two_processes_match_one(saved_model, items_file, tmp_path, scoring):
             torch.testing.assert_close(launched["vectors"][method][layer], vector, atol=1e-5, rtol=1e-5)
     assert launched["sweep"] == single.sweep
     assert launched["chosen"] == single.report["chosen"]
+
+
+@pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun is not installed")
+def test_cli_fit_under_torchrun_exits_cleanly(saved_model, items_file, tmp_path):
+    rows = [row for split in json.loads(items_file.read_text()).values() for row in split]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({key: row[key] for key in ("question", "choices", "label")}) + "\n" for row in rows))
+    output = tmp_path / "adapter"
+    command = [
+        str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "pas_peft.cli", "fit",
+        "--model", str(saved_model), "--data", str(data), "--output-dir", str(output), "--layers", "1", "2",
+        "--strengths", "1", "4", "--scoring", "letter", "--batch-size", "3", "--quiet",
+    ]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "terminate called" not in completed.stderr
+    report = json.loads((output / "pas_report.json").read_text())
+    assert report["processes"] == 2
+    assert (output / "adapter_model.safetensors").is_file()

@@ -29,6 +29,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"pas-peft {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """
+    Shut down the torch.distributed group a launched run opened.
+
+    A gloo group left open at interpreter exit can abort the process ("terminate called without an
+    active exception") after the work is done, so the command closes it before returning.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:

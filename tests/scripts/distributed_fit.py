@@ -34,6 +34,9 @@ def main(model_dir: str, items_file: str, output_file: str, scoring: str) -> Non
             },
             output_file,
         )
+    # An open gloo group at interpreter exit can abort the process after the work is done.
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
