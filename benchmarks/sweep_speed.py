@@ -36,18 +36,19 @@ def main() -> None:
     print(f"Machine: {results['machine']}")
 
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        results["pas_peft"] = pool.apply(run_pas_peft, (vars(args),))
-    print_path("pas_peft", results["pas_peft"])
+    if not args.skip_comparison:
+        with context.Pool(1) as pool:
+            results["pas_peft"] = pool.apply(run_pas_peft, (vars(args),))
+        print_path("pas_peft", results["pas_peft"])
 
-    with context.Pool(1) as pool:
-        results["reference"] = pool.apply(run_reference, (vars(args), results["pas_peft"]["vectors_file"]))
-    print_path("reference", results["reference"])
+        with context.Pool(1) as pool:
+            results["reference"] = pool.apply(run_reference, (vars(args), results["pas_peft"]["vectors_file"]))
+        print_path("reference", results["reference"])
 
-    results["comparison"] = compare(results["pas_peft"], results["reference"])
-    print_comparison(results["comparison"])
+        results["comparison"] = compare(results["pas_peft"], results["reference"])
+        print_comparison(results["comparison"])
 
-    if not args.skip_lora:
+    if not args.skip_lora and not args.skip_comparison:
         with context.Pool(1) as pool:
             results["lora_sft"] = pool.apply(run_lora_sft, (vars(args),))
         print(f"\nLoRA SFT, one epoch over {args.train_items} items: {results['lora_sft']['seconds']:.1f} s; "
@@ -85,6 +86,8 @@ def parse_args() -> argparse.Namespace:
                              "(default: all, which also checks the chosen configuration)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-comparison", action="store_true",
+                        help="skip the pas_peft-against-reference measurement (and the LoRA timing compared with it)")
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
@@ -355,19 +358,9 @@ def _sequences(encoded):
 
 
 def _plain_forward(model, sequences, pad_token_id, batch_size: int = 16) -> None:
-    import torch
+    from batch_size import run_batches
 
-    device = model.get_input_embeddings().weight.device
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = sequences[start : start + batch_size]
-            width = max(len(tokens) for tokens in batch)
-            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, tokens in enumerate(batch):
-                input_ids[row, width - len(tokens):] = torch.tensor(tokens)
-                mask[row, width - len(tokens):] = 1
-            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+    run_batches(model, sequences, pad_token_id, batch_size)
 
 
 # -- reporting ------------------------------------------------------------------------------------------------

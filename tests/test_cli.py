@@ -62,6 +62,23 @@ def test_fit_uses_options(workspace):
     assert report["dataset"]["schema"] == "mcq"
 
 
+def test_fit_letter_prints_answer_letters(workspace, tmp_path):
+    code, stdout, stderr = run_cli(
+        ["fit", "--model", workspace["model"], "--data", workspace["data"], "--output-dir", tmp_path / "letter",
+         "--scoring", "letter", *FIT_OPTIONS]
+    )
+    report = json.loads((tmp_path / "letter" / "pas_report.json").read_text())
+
+    assert code == 0, stderr
+    assert "Answer letters on the test split" in stdout
+    unsteered = ", ".join(f"{letter} {share:.2f}" for letter, share in report["test"]["unsteered_letter_shares"].items())
+    assert f"unsteered        {unsteered}" in stdout
+
+
+def test_fit_likelihood_prints_no_letters(workspace):
+    assert "Answer letters" not in workspace["fit"][1]
+
+
 def test_fit_records_base_model(workspace):
     config = json.loads((workspace["output"] / "adapter_config.json").read_text())
 

@@ -273,6 +273,30 @@ def test_report_test_split_matches_hand_steering(fitted):
         assert row["right_to_wrong"] == sum(before and not after for before, after in zip(baseline, steered)), method
 
 
+def shares_of(letters: list[str]) -> dict[str, float]:
+    return {letter: letters.count(letter) / len(letters) for letter in sorted(set(letters))}
+
+
+def test_report_test_letter_shares(fitted):
+    test_items = fitted.splits["test"]
+    report = fitted.result.report["test"]
+    if fitted.scoring != "letter":
+        assert report["unsteered_letter_shares"] == {}
+        assert all("letter_shares" not in row for row in report["by_method"].values())
+        return
+    letters = [fitted.encoder.encode(item).choice_letters for item in test_items]
+
+    unsteered = [letters[index][answer] for index, answer in enumerate(fitted.answers["test"])]
+    assert report["unsteered_letter_shares"] == pytest.approx(shares_of(unsteered))
+    for method, row in report["by_method"].items():
+        delta = row["strength"] * fitted.result.vectors[method][row["layer"]]
+        steered = [
+            letters[index][hand_answer(fitted.model, fitted.encoder, item, (row["layer"], delta))]
+            for index, item in enumerate(test_items)
+        ]
+        assert row["letter_shares"] == pytest.approx(shares_of(steered)), method
+
+
 def test_report_statistics_match_formulas(fitted):
     for method, row in fitted.result.report["test"]["by_method"].items():
         for side in ("baseline", "steered"):
@@ -627,6 +651,24 @@ def test_warns_when_nothing_improves(tokenizer, caplog):
     assert result.report["chosen"]["improves_validation"] is False
     assert plain.report["chosen"]["strength"] == 0.0
     assert any("No configuration beat the unsteered validation accuracy" in record.message for record in caplog.records)
+
+
+@pytest.mark.parametrize(("shares", "warns"), [
+    ({"A": 0.05, "B": 0.95}, True),
+    ({"A": 0.5, "B": 0.5}, False),
+    ({"A": 0.9, "B": 0.1}, False),
+])
+def test_warns_when_steered_answers_one_letter(caplog, shares, warns):
+    from pas_peft.extraction.fit import _warn_if_steering_only_moves_letters
+
+    letter_shares = {"unsteered": {"A": 1.0}, "by_method": {"pasf": shares, "ipas_all": {"C": 1.0}}}
+    with caplog.at_level("WARNING", logger="pas_peft.extraction.fit"):
+        _warn_if_steering_only_moves_letters(letter_shares, "pasf")
+
+    messages = [record.message for record in caplog.records if "moving the preferred letter" in record.message]
+    assert len(messages) == (1 if warns else 0)
+    if warns:
+        assert "answered B to 95%" in messages[0]
 
 
 @pytest.mark.parametrize("settings", [

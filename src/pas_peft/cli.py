@@ -190,8 +190,17 @@ def _print_fit_summary(result, output_dir: Path) -> None:
         )
     for method, reason in report["skipped_methods"].items():
         print(f"  {method:<16} skipped: {reason}")
+    if report["test"].get("unsteered_letter_shares"):
+        print("\nAnswer letters on the test split (share of items):")
+        print(f"  {'unsteered':<16} {_format_shares(report['test']['unsteered_letter_shares'])}")
+        for method, row in report["test"]["by_method"].items():
+            print(f"  {method:<16} {_format_shares(row['letter_shares'])}")
     total = sum(report["wall_time_seconds"].values())
     print(f"\nWall time {total:.0f} s; adapter and report written to {output_dir}")
+
+
+def _format_shares(shares: dict) -> str:
+    return ", ".join(f"{letter} {share:.2f}" for letter, share in shares.items())
 
 
 def _interval(accuracy: dict) -> str:

@@ -161,6 +161,8 @@ def fit_pas(
     validation, rows = fit.validation(encoded["validation"], vectors)
     best, best_by_method = choose_configuration(rows, list(vectors), accuracy(validation.correct).value)
     test = fit.test(encoded["test"], vectors, best_by_method)
+    test_letter_shares = _test_letter_shares(encoded["test"], test)
+    _warn_if_steering_only_moves_letters(test_letter_shares, best["method"])
 
     config = fitted_config(
         options, best, name, runner.stack.path, method_rows=best_by_method, validation=validation, test=test
@@ -185,6 +187,7 @@ def fit_pas(
         wall_time_seconds=dict(timer.seconds),
         processes=group.world_size,
         activation_norms=fit.activation_norms(train),
+        test_letter_shares=test_letter_shares,
     )
 
     previous_active = list(model.active_adapters) if isinstance(model, PeftModel) else None
@@ -431,6 +434,33 @@ def _letter_shares(encoded: Sequence[EncodedItem], predictions: torch.Tensor) ->
         return {}
     letters = [item.choice_letters[int(prediction)] for item, prediction in zip(encoded, predictions)]
     return {letter: letters.count(letter) / len(letters) for letter in sorted(set(letters))}
+
+
+def _test_letter_shares(encoded: Sequence[EncodedItem], test: SplitEvaluation) -> dict:
+    """Return the letter shares of the unsteered and of each method's steered test answers, or {} in likelihood mode."""
+    if not encoded or encoded[0].choice_letters is None:
+        return {}
+    return {
+        "unsteered": _letter_shares(encoded, test.predictions),
+        "by_method": {
+            config.method: _letter_shares(encoded, test.config_predictions[:, index])
+            for index, config in enumerate(test.configs)
+        },
+    }
+
+
+def _warn_if_steering_only_moves_letters(test_letter_shares: dict, method: str) -> None:
+    """Warn when the model, steered by the chosen configuration, picks one letter for almost every test item."""
+    if not test_letter_shares:
+        return
+    letter, share = max(test_letter_shares["by_method"][method].items(), key=lambda pair: pair[1])
+    if share > DEGENERATE_LETTER_SHARE:
+        logger.warning(
+            "Steered by the chosen configuration, the model answered %s to %.0f%% of the test items, so its test "
+            "gain may come from moving the preferred letter rather than from the content of the answers; "
+            "compare with --scoring likelihood.",
+            letter, 100 * share,
+        )
 
 
 def _warn_if_degenerate(encoded, predictions, scoring: str) -> None:

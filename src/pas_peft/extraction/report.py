@@ -28,6 +28,7 @@ def build_report(
     wall_time_seconds: dict[str, float],
     processes: int,
     activation_norms: dict[str, float],
+    test_letter_shares: Optional[dict] = None,
 ) -> dict:
     """Assemble the report: data, settings, chosen configuration, per-split accuracies, tests, norms, timing."""
     import peft
@@ -44,6 +45,8 @@ def build_report(
             "validation_accuracy": best_by_method[config.method]["validation_accuracy"],
             **compare_paired(test.correct, steered).to_dict(),
         }
+        if test_letter_shares:
+            test_by_method[config.method]["letter_shares"] = test_letter_shares["by_method"][config.method]
     validation_baseline = accuracy(validation.correct)
     return {
         "dataset": {
@@ -63,7 +66,11 @@ def build_report(
         },
         "train": {"accuracy": train["accuracy"].to_dict(), "letter_shares": train["letter_shares"]},
         "validation": {"baseline": validation_baseline.to_dict(), "best_by_method": best_by_method},
-        "test": {"by_method": test_by_method, "chosen": test_by_method[best["method"]]},
+        "test": {
+            "by_method": test_by_method,
+            "chosen": test_by_method[best["method"]],
+            "unsteered_letter_shares": (test_letter_shares or {}).get("unsteered", {}),
+        },
         "skipped_methods": skipped,
         "vector_norms": {
             method: {str(layer): float(vector.norm()) for layer, vector in by_layer.items()}
