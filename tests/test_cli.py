@@ -270,12 +270,47 @@ def test_fit_missing_data_file(workspace, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_missing_adapter(tmp_path):
-    code, _, stderr = run_cli(["eval", "--adapter", tmp_path / "nowhere", "--data", "bbq_age"])
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_missing_adapter_directory(tmp_path, command):
+    missing = tmp_path / "nowhere"
+
+    code, _, stderr = run_cli([command, "--adapter", missing])
 
     assert code == 2
-    assert "adapter_config.json" in stderr
+    assert f"adapter directory {str(missing)!r} not found" in stderr
+    assert "pas-peft fit --output-dir" in stderr
     assert "Traceback" not in stderr
+
+
+def test_eval_directory_without_adapter(tmp_path):
+    code, _, stderr = run_cli(["eval", "--adapter", tmp_path, "--data", "bbq_age"])
+
+    assert code == 2
+    assert "has no adapter_config.json" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("option", ["--max-samples", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_fit_rejects_non_positive_counts(workspace, tmp_path, option, value):
+    code, _, stderr = run_cli(["fit", "--model", workspace["model"], "--output-dir", tmp_path / "out", option, value])
+
+    assert code == 2
+    assert option in stderr
+    assert value in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_undetected_schema_names_options(workspace, tmp_path):
+    data = tmp_path / "odd.csv"
+    data.write_text("prompt,options,gold\nWhich?,a,0\n")
+
+    code, _, stderr = run_cli(["fit", "--model", workspace["model"], "--data", data, "--output-dir", tmp_path / "out", *FIT_OPTIONS])
+
+    assert code == 2
+    assert "--question-column, --choices-column and --label-column" in stderr
+    assert "--schema NAME" in stderr
+    assert "ColumnMapping" not in stderr
 
 
 @pytest.mark.slow
@@ -293,4 +328,4 @@ def test_quick_embedded_fit(tmp_path):
     assert report["dataset"]["name"] == "bbq_age"
     assert sum(report["dataset"]["split_sizes"].values()) == 30
     assert report["chosen"]["layer"] == 10
-    assert "30 items, 1 layers x 2 strengths" in stdout
+    assert "30 items, 1 layer x 2 strengths" in stdout

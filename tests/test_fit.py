@@ -297,6 +297,15 @@ def test_report_test_letter_shares(fitted):
         assert row["letter_shares"] == pytest.approx(shares_of(steered)), method
 
 
+def test_wilson_interval_exact_at_ends():
+    from pas_peft.extraction.stats import wilson_interval
+
+    assert wilson_interval(0, 6)[0] == 0.0
+    assert wilson_interval(6, 6)[1] == 1.0
+    low, high = wilson_interval(3, 6)
+    assert 0.0 < low < 0.5 < high < 1.0
+
+
 def test_report_statistics_match_formulas(fitted):
     for method, row in fitted.result.report["test"]["by_method"].items():
         for side in ("baseline", "steered"):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,16 +22,45 @@ QUICK_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # PeftModel.__init__ of peft 0.21.2 reads transformers' deprecated `is_gradient_checkpointing`; the warning
+    # is about peft's code, and a user of the command cannot act on it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return args.handler(args)
     except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:
-        print(f"pas-peft {args.command}: error: {error}", file=sys.stderr)
+        print(f"pas-peft {args.command}: error: {_command_line_wording(str(error))}", file=sys.stderr)
         return 2
     finally:
         _close_process_group()
+
+
+def _positive_int(text: str) -> int:
+    """Parse an option value that must be a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# The library's errors name its Python arguments; on the command line the same settings are options.
+_PYTHON_TO_OPTIONS = (
+    ("columns=ColumnMapping(question=..., choices=..., label=...)", "--question-column, --choices-column and --label-column"),
+    ("columns=ColumnMapping(question=..., label=...)", "--question-column and --label-column"),
+    ("schema=NAME", "--schema NAME"),
+    ("schema='auto'", "--schema auto"),
+)
+
+
+def _command_line_wording(message: str) -> str:
+    for python, options in _PYTHON_TO_OPTIONS:
+        message = message.replace(python, options)
+    return message
 
 
 def _close_process_group() -> None:
@@ -88,10 +118,11 @@ def _add_fit(commands) -> None:
                           "0.5 1 2 4 8 in the quick run)")
     fit.add_argument("--proportions", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("TRAIN", "VALIDATION", "TEST"),
                      help="split fractions (default: 0.6 0.2 0.2)")
-    fit.add_argument("--max-samples", type=int, default=None,
+    fit.add_argument("--max-samples", type=_positive_int, default=None,
                      help="use at most this many items in total (default: all; 150 in the quick run)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the split and of the choice shuffle (default: 0)")
-    fit.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: sized from a memory budget)")
+    fit.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="rows per forward pass (default: sized from a memory budget)")
     fit.add_argument("--vector-source", choices=("output", "input"), default="output",
                      help="read each layer's vector at its output (where it is added) or at its input, as the PAS reference code does")
     fit.add_argument("--full", action="store_true",
@@ -154,8 +185,9 @@ def _run_fit(args) -> int:
     _print_fit_summary(result, output_dir)
     if quick:
         print(
-            f"\nThis was the quick embedded run ({settings['max_samples']} items, {len(settings['layers'])} layers x "
-            f"{len(settings['strengths'])} strengths). For the full size run:\n"
+            f"\nThis was the quick embedded run ({settings['max_samples']} items, "
+            f"{_count(len(settings['layers']), 'layer')} x {_count(len(settings['strengths']), 'strength')}). "
+            "For the full size run:\n"
             "  pas-peft fit --full --output-dir runs/bbq_age-full"
         )
     return 0
@@ -167,7 +199,8 @@ def _apply_quick_defaults(settings: dict, model) -> None:
 
     num_layers = find_decoder_stack(model).num_layers
     settings.setdefault("max_samples", None)
-    settings["max_samples"] = settings["max_samples"] or QUICK_MAX_SAMPLES
+    if settings["max_samples"] is None:
+        settings["max_samples"] = QUICK_MAX_SAMPLES
     settings.setdefault("layers", tuple(default_candidate_layers(num_layers, QUICK_LAYER_COUNT)))
     settings.setdefault("strengths", QUICK_STRENGTHS)
 
@@ -199,6 +232,10 @@ def _print_fit_summary(result, output_dir: Path) -> None:
     print(f"\nWall time {total:.0f} s; adapter and report written to {output_dir}")
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _format_shares(shares: dict) -> str:
     return ", ".join(f"{letter} {share:.2f}" for letter, share in shares.items())
 
@@ -217,22 +254,35 @@ def _add_eval(commands) -> None:
         description="Score a saved PAS adapter. The base model is the one the adapter records.",
     )
     evaluate.add_argument("--adapter", type=Path, required=True, help="adapter directory written by `pas-peft fit`")
-    _add_data_options(evaluate)
+    _add_data_options(evaluate, default_help="default: the data the adapter was fitted on")
     evaluate.add_argument("--strength", type=float, default=None, help="override the adapter's strength")
     evaluate.add_argument("--scoring", choices=("likelihood", "likelihood_norm", "letter"), default=None,
                           help="override the scoring mode the adapter was fitted with")
     evaluate.add_argument("--split", choices=("test", "all"), default=None,
                           help="on the dataset the adapter was fitted on: its test split (the default there) or every item")
-    evaluate.add_argument("--max-samples", type=int, default=None, help="score at most this many items")
-    evaluate.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
+    evaluate.add_argument("--max-samples", type=_positive_int, default=None, help="score at most this many items")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.set_defaults(handler=_run_eval)
+
+
+def _check_adapter_directory(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"adapter directory {str(path)!r} not found; pass a directory written by `pas-peft fit --output-dir`"
+        )
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no adapter_config.json, so it is not a saved adapter; pass a directory written by "
+            "`pas-peft fit --output-dir`"
+        )
 
 
 def _run_eval(args) -> int:
     from . import AutoPASModelForCausalLM
     from .extraction.evaluate import evaluate_adapter
 
+    _check_adapter_directory(args.adapter)
     model, tokenizer = AutoPASModelForCausalLM.from_pretrained(args.adapter)
     result = evaluate_adapter(
         model,
@@ -285,6 +335,7 @@ def _add_generate(commands) -> None:
 def _run_generate(args) -> int:
     from . import AutoPASModelForCausalLM
 
+    _check_adapter_directory(args.adapter)
     model, tokenizer = AutoPASModelForCausalLM.from_pretrained(args.adapter)
     model.eval()
     if args.strength is not None:
@@ -345,8 +396,11 @@ def _add_datasets(commands) -> None:
 def _run_datasets(args) -> int:
     from .data import list_bundled_datasets
 
-    for dataset in list_bundled_datasets():
-        print(f"{dataset.name:<16} {dataset.license:<12} {dataset.description}")
+    datasets = list_bundled_datasets()
+    name_width = max(len(dataset.name) for dataset in datasets)
+    license_width = max(len(dataset.license) for dataset in datasets)
+    for dataset in datasets:
+        print(f"{dataset.name:<{name_width}}  {dataset.license:<{license_width}}  {dataset.description}")
     return 0
 
 
@@ -392,9 +446,9 @@ def _add_model_options(parser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print warnings and results only")
 
 
-def _add_data_options(parser) -> None:
+def _add_data_options(parser, default_help: str = "default: bbq_age") -> None:
     parser.add_argument("--data", default=None,
-                        help="dataset: a .jsonl/.json/.csv file or a bundled name (see `pas-peft datasets`; default: bbq_age)")
+                        help=f"dataset: a .jsonl/.json/.csv file or a bundled name (see `pas-peft datasets`; {default_help})")
     parser.add_argument("--schema", default="auto", help="dataset layout, or 'auto' to detect it (default: auto)")
     parser.add_argument("--target-behavior", choices=("matching", "not_matching"), default=None,
                         help="A/B evaluation sets: which answer is the label")

@@ -11,8 +11,9 @@ import torch
 DEFAULT_GPU_BUDGET_FRACTION = 0.5
 MAX_DEFAULT_GPU_BUDGET_BYTES = 8 * 1024**3
 # On a CPU, batches beyond a few thousand tokens stop paying off and only cost memory. With SmolLM2-135M on
-# 2 cores, 16 prompts of ~110 tokens per forward ran as fast per prompt as 32, and 6% faster than 64
-# (measured on the machine described in docs/benchmarks.md).
+# 2 cores and prompts of ~83 tokens, batches of 8 to 32 ran within 6% of each other per prompt. Batches of
+# 64 ran 13% slower than the fastest, and one prompt at a time 24% slower. The script is
+# benchmarks/batch_size.py, and docs/benchmarks.md records the machine and the numbers.
 DEFAULT_CPU_BUDGET_BYTES = 1024**3
 CPU_PREFIX_TOKENS_PER_BATCH = 2048
 GPU_PREFIX_TOKENS_PER_BATCH = 32768

@@ -62,7 +62,10 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
     denominator = 1 + z**2 / total
     centre = (proportion + z**2 / (2 * total)) / denominator
     half_width = z * math.sqrt(proportion * (1 - proportion) / total + z**2 / (4 * total**2)) / denominator
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+    # At 0 or `total` successes the bound is exactly 0 or 1; the formula leaves a rounding residue there.
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == total else min(1.0, centre + half_width)
+    return low, high
 
 
 def compare_paired(baseline_correct: torch.Tensor, steered_correct: torch.Tensor) -> PairedComparison:
