@@ -58,6 +58,7 @@ def main() -> None:
 
 def run_batches(model, prompts: list[list[int]], pad_token_id: int, batch_size: int) -> None:
     """Run one forward per batch of left-padded prompts, with logits at the last position only."""
+    device = model.get_input_embeddings().weight.device
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -67,7 +68,7 @@ def run_batches(model, prompts: list[list[int]], pad_token_id: int, batch_size: 
             for row, tokens in enumerate(batch):
                 input_ids[row, width - len(tokens) :] = torch.tensor(tokens)
                 mask[row, width - len(tokens) :] = 1
-            model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1)
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ import torch
 from peft import PeftModel
 
 from pas_peft import fit_pas
-from pas_peft.data import load_items
+from pas_peft.data import MultipleChoiceItem, load_items
 from pas_peft.extraction.evaluate import evaluate_adapter
-from tiny import make_items, make_tiny_model, make_tokenizer, relabel, write_jsonl
+from tiny import WORDS, make_items, make_tiny_model, make_tokenizer, relabel, write_jsonl
 
 LAYERS = (0, 1)
 STRENGTHS = (4.0, 32.0)
@@ -104,6 +104,24 @@ def test_max_samples_limits_items(fitted, tokenizer):
 
     assert evaluation["items"] == 3
     assert evaluation["baseline"]["total"] == 3
+
+
+def test_too_long_items_dropped(fitted, tokenizer, tmp_path, caplog):
+    _, result, test_file, _ = fitted
+    context = result.model.get_base_model().config.max_position_embeddings
+    words = " ".join(WORDS[index % len(WORDS)] for index in range(context))
+    long_items = [
+        MultipleChoiceItem(f"Which word goes with {words}?", (WORDS[0], WORDS[1]), label=0, source_id=f"long {index}")
+        for index in range(2)
+    ]
+    data = write_jsonl(tmp_path / "with_long.jsonl", list(load_items(str(test_file)).items) + long_items)
+
+    with caplog.at_level("WARNING", logger="pas_peft.extraction.scoring"):
+        evaluation = evaluate_adapter(result.model, tokenizer, str(data))
+
+    assert evaluation["dropped_too_long"] == 2
+    assert evaluation["items"] == 8
+    assert "Dropped 2 of 10 evaluation items" in caplog.text
 
 
 def test_plain_model_rejected(tokenizer, tmp_path):

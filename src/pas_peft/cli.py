@@ -22,8 +22,8 @@ QUICK_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # PeftModel.__init__ of peft 0.21.2 reads transformers' deprecated `is_gradient_checkpointing`; the warning
-    # is about peft's code, and a user of the command cannot act on it.
+    # PeftModel.__init__ of peft 0.21.2 reads transformers' deprecated `is_gradient_checkpointing`. The warning
+    # is about peft's code, so a user of the command cannot act on it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -33,8 +33,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"pas-peft {args.command}: error: {_command_line_wording(str(error))}", file=sys.stderr)
         return 2
-    finally:
-        _close_process_group()
 
 
 def _positive_int(text: str) -> int:
@@ -51,7 +49,6 @@ def _positive_int(text: str) -> int:
 # The library's errors name its Python arguments; on the command line the same settings are options.
 _PYTHON_TO_OPTIONS = (
     ("columns=ColumnMapping(question=..., choices=..., label=...)", "--question-column, --choices-column and --label-column"),
-    ("columns=ColumnMapping(question=..., label=...)", "--question-column and --label-column"),
     ("schema=NAME", "--schema NAME"),
     ("schema='auto'", "--schema auto"),
 )
@@ -61,19 +58,6 @@ def _command_line_wording(message: str) -> str:
     for python, options in _PYTHON_TO_OPTIONS:
         message = message.replace(python, options)
     return message
-
-
-def _close_process_group() -> None:
-    """
-    Shut down the torch.distributed group a launched run opened.
-
-    A gloo group left open at interpreter exit can abort the process ("terminate called without an
-    active exception") after the work is done, so the command closes it before returning.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,7 +77,8 @@ def write_model_card(
     directory = Path(adapter_directory)
     config = read_pas_config(directory)
     path = directory / CARD_FILE
-    card = ModelCard.load(path) if path.is_file() else ModelCard("---\n{}\n---\n")  # an empty YAML mapping
+    # An empty mapping, because an empty metadata block makes huggingface_hub log "metadata block was not found".
+    card = ModelCard.load(path) if path.is_file() else ModelCard("---\n{}\n---\n")
 
     # A dataset or scores from an earlier call stay on the card unless new values replace them: the config's
     # fit_summary replaces earlier scores, and explicit `scores` replace both.

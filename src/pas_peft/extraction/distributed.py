@@ -9,6 +9,7 @@ and per-item answers are gathered back into the original order.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -44,6 +45,9 @@ class ProcessGroup:
                 dist.init_process_group(backend="cpu:gloo,cuda:nccl")
             else:
                 dist.init_process_group(backend="gloo")
+            # A gloo group still open at interpreter exit can abort the process ("terminate called without an
+            # active exception") after the work is done, so the group opened here is closed at exit.
+            atexit.register(_close_process_group)
         if dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -95,3 +99,8 @@ def _collective_device() -> torch.device:
     if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

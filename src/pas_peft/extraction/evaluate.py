@@ -11,7 +11,7 @@ from ..data.loading import source_of
 from .batching import default_memory_budget
 from .engine import BatchRunner
 from .passes import SweepConfig, evaluate_split
-from .scoring import ItemEncoder
+from .scoring import ItemEncoder, drop_too_long, max_positions
 from .stats import compare_paired
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ def evaluate_adapter(
     )
     seed = summary.get("seed", 0)
     encoder = ItemEncoder(tokenizer, scoring, seed, use_chat_template, summary.get("system_prompt"))
-    encoded, dropped = _encode_within_context(encoder, items, peft_model)
-
     runner = BatchRunner(peft_model, activation=config.activation, layers_module=config.layers_module)
+    encoded, dropped = drop_too_long([encoder.encode(item) for item in items], max_positions(runner.model), "evaluation")
     if tokenizer.pad_token_id is not None:
         runner.pad_token_id = tokenizer.pad_token_id
     evaluation = evaluate_split(
@@ -159,19 +158,6 @@ def _evaluation_items(data, summary, split, schema, columns, target_behavior, sk
     if max_samples:
         items = items[:max_samples]
     return items, loaded, split
-
-
-def _encode_within_context(encoder: ItemEncoder, items, model):
-    encoded = [encoder.encode(item) for item in items]
-    model = model.model if hasattr(model, "pas_model") else model
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    kept = [item for item in encoded if limit is None or item.num_tokens <= limit]
-    if len(kept) < len(encoded):
-        logger.warning("Dropped %d items longer than the model's context of %d tokens.", len(encoded) - len(kept), limit)
-    if not kept:
-        raise ValueError(f"Every item is longer than the model's context of {limit} tokens.")
-    return kept, len(encoded) - len(kept)
 
 
 def _has_lora(model) -> bool:

@@ -28,7 +28,7 @@ from .methods import METHODS, contrast_set, missing_requirement
 from .outputs import write_heatmap, write_report, write_sweep_csv
 from .passes import SplitEvaluation, SweepConfig, evaluate_split, read_last_token_activations
 from .report import build_report
-from .scoring import SCORING_MODES, EncodedItem, ItemEncoder
+from .scoring import SCORING_MODES, EncodedItem, ItemEncoder, drop_too_long, max_positions
 from .selection import PAPER_STRENGTHS, choose_configuration, default_candidate_layers, sweep_rows
 from .stats import accuracy
 
@@ -153,7 +153,7 @@ def fit_pas(
     encoder = ItemEncoder(tokenizer, options.scoring, options.seed, options.use_chat_template, options.system_prompt)
 
     with timer.stage("encode"):
-        encoded, dropped = _encode_splits(encoder, dataset_splits, _max_positions(runner.model))
+        encoded, dropped = _encode_splits(encoder, dataset_splits, max_positions(runner.model))
 
     fit = _Fit(runner, encoder, options, group, budget, layers, show_progress, timer)
     train = fit.train(encoded["train"])
@@ -389,22 +389,11 @@ def _data_provenance(loaded: Optional[LoadedItems], options: FitSettings) -> dic
     return provenance
 
 
-def _encode_splits(encoder: ItemEncoder, splits: DatasetSplits, max_positions: Optional[int]):
+def _encode_splits(encoder: ItemEncoder, splits: DatasetSplits, context: Optional[int]):
     encoded, dropped = {}, {}
     for name in ("train", "validation", "test"):
         items = [encoder.encode(item) for item in getattr(splits, name)]
-        kept = [item for item in items if max_positions is None or item.num_tokens <= max_positions]
-        dropped[name] = len(items) - len(kept)
-        if dropped[name]:
-            logger.warning(
-                "Dropped %d of %d %s items longer than the model's context of %d tokens.",
-                dropped[name], len(items), name, max_positions,
-            )
-        if not kept:
-            raise ValueError(
-                f"Every {name} item is longer than the model's context of {max_positions} tokens; use shorter items."
-            )
-        encoded[name] = kept
+        encoded[name], dropped[name] = drop_too_long(items, context, name)
     return encoded, dropped
 
 
@@ -423,17 +412,19 @@ def _pad_token_id(tokenizer) -> int:
     return 0
 
 
-def _max_positions(model) -> Optional[int]:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(value) if value else None
-
-
 def _letter_shares(encoded: Sequence[EncodedItem], predictions: torch.Tensor) -> dict[str, float]:
     if encoded[0].choice_letters is None:
         return {}
     letters = [item.choice_letters[int(prediction)] for item, prediction in zip(encoded, predictions)]
     return {letter: letters.count(letter) / len(letters) for letter in sorted(set(letters))}
+
+
+def _dominant_letter(shares: dict[str, float]) -> Optional[tuple[str, float]]:
+    """Return the most frequent letter and its share when that share exceeds `DEGENERATE_LETTER_SHARE`, else None."""
+    if not shares:
+        return None
+    letter, share = max(shares.items(), key=lambda pair: pair[1])
+    return (letter, share) if share > DEGENERATE_LETTER_SHARE else None
 
 
 def _test_letter_shares(encoded: Sequence[EncodedItem], test: SplitEvaluation) -> dict:
@@ -451,24 +442,21 @@ def _test_letter_shares(encoded: Sequence[EncodedItem], test: SplitEvaluation) -
 
 def _warn_if_steering_only_moves_letters(test_letter_shares: dict, method: str) -> None:
     """Warn when the model, steered by the chosen configuration, picks one letter for almost every test item."""
-    if not test_letter_shares:
-        return
-    letter, share = max(test_letter_shares["by_method"][method].items(), key=lambda pair: pair[1])
-    if share > DEGENERATE_LETTER_SHARE:
+    dominant = _dominant_letter(test_letter_shares["by_method"][method]) if test_letter_shares else None
+    if dominant is not None:
+        letter, share = dominant
         logger.warning(
             "Steered by the chosen configuration, the model answered %s to %.0f%% of the test items, so its test "
-            "gain may come from moving the preferred letter rather than from the content of the answers; "
-            "compare with --scoring likelihood.",
+            "gain may come from moving the preferred letter rather than from the content of the answers. Compare "
+            "with --scoring likelihood.",
             letter, 100 * share,
         )
 
 
 def _warn_if_degenerate(encoded, predictions, scoring: str) -> None:
-    shares = _letter_shares(encoded, predictions)
-    if not shares:
-        return
-    letter, share = max(shares.items(), key=lambda pair: pair[1])
-    if share > DEGENERATE_LETTER_SHARE:
+    dominant = _dominant_letter(_letter_shares(encoded, predictions))
+    if dominant is not None:
+        letter, share = dominant
         logger.warning(
             "The model answered %s to %.0f%% of the training items, so its letter answers carry little signal; "
             "--scoring likelihood scores each answer text instead and usually works better for small models.",

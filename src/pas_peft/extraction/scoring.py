@@ -15,6 +15,7 @@ In both modes steering applies from the last prompt token on, which is the first
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -30,6 +31,8 @@ from ..data import (
 )
 
 SCORING_MODES = ("letter", "likelihood", "likelihood_norm")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -228,3 +231,33 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
             break
         length += 1
     return length
+
+
+def max_positions(model) -> Optional[int]:
+    """Return the model's context length in tokens, or None when its config does not state one."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None
+
+
+def drop_too_long(
+    encoded: Sequence["EncodedItem"], context: Optional[int], description: str
+) -> tuple[list["EncodedItem"], int]:
+    """
+    Return the items that fit in `context` tokens and how many were dropped, with a warning if any were.
+
+    Raises:
+        ValueError: if no item fits; `description` names the items in the message, for example "train".
+    """
+    kept = [item for item in encoded if context is None or item.num_tokens <= context]
+    dropped = len(encoded) - len(kept)
+    if dropped:
+        logger.warning(
+            "Dropped %d of %d %s items longer than the model's context of %d tokens.",
+            dropped, len(encoded), description, context,
+        )
+    if not kept:
+        raise ValueError(
+            f"Every {description} item is longer than the model's context of {context} tokens; use shorter items."
+        )
+    return kept, dropped
