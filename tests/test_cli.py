@@ -301,6 +301,17 @@ def test_fit_rejects_non_positive_counts(workspace, tmp_path, option, value):
     assert not (tmp_path / "out").exists()
 
 
+def test_fit_invalid_row_names_skip_option(workspace, tmp_path):
+    data = tmp_path / "bad_row.jsonl"
+    data.write_text('{"question": "Which?", "choices": ["a", "b"], "label": 7}\n')
+
+    code, _, stderr = run_cli(["fit", "--model", workspace["model"], "--data", data, "--output-dir", tmp_path / "out", *FIT_OPTIONS])
+
+    assert code == 2
+    assert "--skip-invalid" in stderr
+    assert "skip_invalid=True" not in stderr
+
+
 def test_fit_undetected_schema_names_options(workspace, tmp_path):
     data = tmp_path / "odd.csv"
     data.write_text("prompt,options,gold\nWhich?,a,0\n")

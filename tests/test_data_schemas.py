@@ -755,3 +755,28 @@ def test_loaded_items_record_source(tmp_path):
     assert bundled.source == "bbq_age"
     assert from_file.source == str((FIXTURES / "bbq_age.jsonl").resolve())
     assert in_memory.source is None
+
+
+def test_csv_list_column_as_json(tmp_path):
+    path = tmp_path / "quiz.csv"
+    pd.DataFrame(
+        {"prompt": ["Two plus three?", "Two times four?"], "options": ['["5", "6"]', '["6", "8", "9"]'], "gold": [0, 1]}
+    ).to_csv(path, index=False)
+
+    loaded = load_items(str(path), columns=ColumnMapping(question="prompt", choices="options", label="gold"))
+
+    assert [item.choices for item in loaded.items] == [("5", "6"), ("6", "8", "9")]
+    assert [item.label for item in loaded.items] == [0, 1]
+
+
+def test_csv_list_column_not_json_names_fix(tmp_path):
+    path = tmp_path / "quiz.csv"
+    pd.DataFrame({"prompt": ["Two plus three?"], "options": ["5|6|8"], "gold": [0]}).to_csv(path, index=False)
+
+    with pytest.raises(ValueError) as error:
+        load_items(str(path), columns=ColumnMapping(question="prompt", choices="options", label="gold"))
+
+    message = str(error.value)
+    assert "'5|6|8'" in message
+    assert "write the list as JSON" in message
+    assert "one column per choice" in message

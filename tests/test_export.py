@@ -1,6 +1,7 @@
 """Export of PAS adapters to llama.cpp control-vector GGUF files, read back with gguf.GGUFReader."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -69,6 +70,17 @@ def test_export_writes_llama_cpp_layout(tmp_path):
         assert list(tensor.shape) == [HIDDEN]
         # The strength is folded into the stored direction.
         np.testing.assert_allclose(np.asarray(tensor.data), 2.5 * vector.numpy(), rtol=0, atol=1e-6)
+
+
+def test_export_file_follows_umask(tmp_path):
+    model, _ = steered_model(layers=(1,), strength=1.0)
+    previous = os.umask(0o022)
+    try:
+        path = export_control_vector(model, tmp_path / "steer.gguf")
+    finally:
+        os.umask(previous)
+
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_export_from_directory_matches_model(tmp_path):

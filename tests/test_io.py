@@ -47,3 +47,18 @@ def test_non_empty_target_needs_overwrite(tmp_path):
             pass
 
     assert (tmp_path / "run" / "keep.txt").read_text() == "keep"
+
+
+def test_written_directory_follows_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "adapter") as staging:
+            (staging / "adapter_config.json").write_text("{}")
+            (staging / "nested").mkdir()
+    finally:
+        os.umask(previous)
+
+    target = tmp_path / "adapter"
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert (target / "adapter_config.json").stat().st_mode & 0o777 == 0o644
+    assert (target / "nested").stat().st_mode & 0o777 == 0o755

@@ -51,6 +51,7 @@ _PYTHON_TO_OPTIONS = (
     ("columns=ColumnMapping(question=..., choices=..., label=...)", "--question-column, --choices-column and --label-column"),
     ("schema=NAME", "--schema NAME"),
     ("schema='auto'", "--schema auto"),
+    ("skip_invalid=True", "--skip-invalid"),
 )
 
 
@@ -438,7 +439,8 @@ def _add_data_options(parser, default_help: str = "default: bbq_age") -> None:
                         help="A/B evaluation sets: which answer is the label")
     parser.add_argument("--question-column", default=None, help="column with the question (with --label-column, replaces detection)")
     parser.add_argument("--context-column", default=None, help="column with text shown before the question")
-    parser.add_argument("--choices-column", nargs="+", default=None, help="one column holding a list of choices, or one column per choice")
+    parser.add_argument("--choices-column", nargs="+", default=None,
+                        help="one column holding a list of choices (in a CSV, written as JSON), or one column per choice")
     parser.add_argument("--label-column", default=None, help="column with the correct choice (index, letter or answer text)")
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--skip-invalid", action="store_true",

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .io import apply_umask
 from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def _write_gguf(path: Path, directions: dict[int, np.ndarray], model_hint: Optio
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        apply_umask(staging)
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)

@@ -132,6 +132,7 @@ def atomic_directory(target: Union[str, os.PathLike], overwrite: bool = False) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    apply_umask(staging)
 
     backup = None
     if target.exists():
@@ -147,3 +148,18 @@ def atomic_directory(target: Union[str, os.PathLike], overwrite: bool = False) -
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def apply_umask(path: Union[str, os.PathLike]) -> None:
+    """
+    Give `path` and everything under it the permissions a plain `mkdir` or `open` would have given.
+
+    `tempfile.mkdtemp` and `tempfile.mkstemp` create their directory or file readable by the owner only, so
+    without this step a staged adapter could not be read by the other users of a shared machine.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(path)
+    entries = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for entry in entries:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)

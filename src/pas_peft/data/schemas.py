@@ -8,6 +8,7 @@ first row. Building returns `None` when the columns do not fit. Detection tries 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -163,9 +164,16 @@ def _sequence(row: Row, column: str, source_id: str) -> list[Any]:
     value = row.get(column)
     if isinstance(value, np.ndarray):
         value = value.tolist()
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        # A CSV cell is always text, so a CSV file holds a list written as JSON.
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
     if not isinstance(value, (list, tuple)):
         raise ValueError(
-            f"{source_id}: column {column!r} should contain a list, got {type(value).__name__} {value!r}"
+            f"{source_id}: column {column!r} should contain a list, got {type(value).__name__} {value!r}; "
+            'in a CSV file write the list as JSON (["first", "second"]) or give one column per choice'
         )
     return list(value)
 
